@@ -1,0 +1,257 @@
+"""The ``export-adapter`` command line: flags in, library calls, messages and exit codes out. No logic.
+
+Results go to stdout (``--json`` for machines); progress and errors go to stderr. Exit codes (docs/exit-codes.md):
+0 ok, 1 error, 2 usage, 3 parity gate or verification failed, 130/143 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import ExporterError, ParityError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARITY, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 3, 130, 143
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so staging folders are cleaned up on the way out."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+class Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        try:
+            return super().invoke(ctx)
+        except ParityError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(EXIT_PARITY)
+        except ExporterError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was published", err=True)
+            ctx.exit(EXIT_SIGINT)
+        except Terminated:
+            click.echo("terminated: nothing was published", err=True)
+            ctx.exit(EXIT_SIGTERM)
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, allow_nan=False))
+
+
+def _progress(quiet: bool):
+    if quiet:
+        return lambda msg: None
+    return lambda msg: click.echo(f"[export-adapter] {msg}", err=True)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="export-adapter")
+def cli() -> None:
+    """Take a LoRA-fine-tuned Hugging Face model to a verified ONNX bundle, and check or run bundles.
+
+    \b
+    Full toolkit (torch):   export
+    Device profile (no torch): verify, infer, inspect
+    Exit codes: 0 ok, 1 error, 2 usage, 3 parity/verification failed, 130/143 interrupted.
+    """
+
+
+@cli.command()
+@click.option("--adapter", "adapter", required=True, type=click.Path(path_type=Path),
+              help="peft adapter folder (adapter_config.json + adapter_model.safetensors).")
+@click.option("--base", default=None,
+              help="Base model: a local folder, a hub id, or embedded:all-MiniLM-L6-v2. "
+                   "Default: base_model_name_or_path recorded in the adapter.")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of the base; recorded.")
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Bundle folder to write (published atomically when every gate passes).")
+@click.option("--task", type=click.Choice(["text-classification", "token-classification", "feature-extraction"]),
+              default=None, help="Pipeline task. Default: from the adapter's task_type, else the base config.")
+@click.option("--labels", default=None,
+              help="Comma-separated label names, in head order. Default: the adapter's export_adapter.json, "
+                   "else the base's id2label.")
+@click.option("--quantize", "quantize", multiple=True, type=click.Choice(["int8", "fp16", "none"]),
+              help="Extra variant(s) beside the fp32 reference; repeatable. Default: int8.")
+@click.option("--opset", type=int, default=20, show_default=True, help="ONNX opset of the default domain.")
+@click.option("--max-length", type=int, default=128, show_default=True,
+              help="Longest probe sequence (tokens); capped by the model's position limit.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only after every check passed).")
+@click.option("--allow-pickle", is_flag=True,
+              help="Accept a pickle-only adapter (adapter_model.bin), loaded with weights_only=True. "
+                   "Only for files you trust.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow a base whose code lives in its hub repo.")
+@click.option("--json", "as_json", is_flag=True, help="Print the Report (same object as parity.json) on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+def export(adapter: Path, base: str | None, revision: str | None, out: Path, task: str | None, labels: str | None,
+           quantize: tuple[str, ...], opset: int, max_length: int, overwrite: bool, allow_pickle: bool,
+           trust_remote_code: bool, as_json: bool, quiet: bool) -> None:
+    """Merge a LoRA adapter into its base, export to ONNX, quantize, and prove parity with PyTorch.
+
+    Writes OUT only when every variant passes its gate; otherwise exits 3 and keeps the diagnostics in
+    OUT.rejected. The fp32 model is always produced: it is the reference for the others.
+    """
+    from .pipeline import ExportSpec, run_pipeline
+
+    if max_length < 8:
+        raise click.BadParameter("must be at least 8", param_hint="--max-length")
+    spec = ExportSpec(
+        adapter=adapter, out=out, base=base, revision=revision, task=task,
+        labels=tuple(x.strip() for x in labels.split(",")) if labels else None,
+        quantize=quantize or ("int8",), opset=opset, overwrite=overwrite, allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code, max_length=max_length,
+    )
+    try:
+        report = run_pipeline(spec, _progress(quiet))
+    except ParityError as e:
+        if as_json and e.report is not None:
+            _emit_json(e.report)
+        raise
+    if as_json:
+        _emit_json(report.data)
+    else:
+        _print_summary(report.data)
+
+
+def _print_summary(report: dict[str, Any]) -> None:
+    click.echo(f"bundle: {report.get('bundle')}  ({report['task']}, base {report['base']['name']})")
+    sizes = report.get("sizes") or {}
+    for name, r in report["variants"].items():
+        size = f"{sizes[name] / 1e6:8.1f} MB" if name in sizes else ""
+        worst = max((m["max_abs_diff"] for m in r["outputs"].values()), default=float("nan"))
+        cos = min((m["cosine_min"] for m in r["outputs"].values()), default=float("nan"))
+        click.echo(f"  {name:5s} {'PASS' if r['passed'] else 'FAIL'}  max abs diff {worst:.2e}  "
+                   f"min cosine {cos:.6f}  {size}")
+        for f in r["failures"]:
+            click.echo(f"        {f}")
+    for w in report.get("warnings") or []:
+        click.echo(f"warning: {w}", err=True)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--variant", "variants", multiple=True, help="Variant(s) to check (fp32, int8, fp16). Default: all.")
+@click.option("--providers", multiple=True, help="onnxruntime execution provider(s). Default: CPUExecutionProvider.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print the Report (passed, variants, integrity) on stdout.")
+def verify(bundle: Path, variants: tuple[str, ...], providers: tuple[str, ...], threads: int | None,
+           as_json: bool) -> None:
+    """Check a bundle on this device, without torch: hashes, tokenizer, and every variant's parity.
+
+    Runs the stored probes and compares with the stored PyTorch outputs under the thresholds in the
+    manifest. Exit 0 when everything passes, 3 otherwise (a tampered or missing file included).
+    """
+    from .verify import verify_bundle
+
+    report = verify_bundle(bundle, list(variants) or None, list(providers) or None, threads)
+    if as_json:
+        _emit_json(report)
+    else:
+        for p in report["integrity"]["problems"]:
+            click.echo(f"  integrity FAIL  {p}")
+        for name, r in report["variants"].items():
+            click.echo(f"  {name:5s} {'PASS' if r['passed'] else 'FAIL'}")
+            for f in r["failures"]:
+                click.echo(f"        {f}")
+        click.echo(f"{bundle}: {'verified' if report['passed'] else 'VERIFICATION FAILED'}")
+    if not report["passed"]:
+        sys.exit(EXIT_PARITY)
+
+
+def _read_inputs(texts: tuple[str, ...], input_file: Path | None) -> list[str]:
+    if texts and input_file:
+        raise click.UsageError("give TEXT arguments or --input, not both")
+    if input_file is None:
+        if not texts:
+            raise click.UsageError("give at least one TEXT or --input FILE.jsonl")
+        return list(texts)
+    from .errors import UserInputError
+
+    try:
+        lines = input_file.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise UserInputError(f"{input_file}: cannot read ({e.strerror})") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserInputError(f"{input_file}:{n}: not JSON; each line must be a string or {{\"text\": ...}}") from None
+        text = item.get("text") if isinstance(item, dict) else item
+        if not isinstance(text, str):
+            raise UserInputError(f"{input_file}:{n}: no \"text\" string on this line")
+        out.append(text)
+    return out
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("texts", nargs=-1)
+@click.option("--input", "input_file", type=click.Path(path_type=Path),
+              help="JSON Lines file: one string or {\"text\": ...} per line.")
+@click.option("--variant", default=None, help="Variant to run. Default: the bundle's default (int8 when it passed).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON on stdout.")
+def infer(bundle: Path, texts: tuple[str, ...], input_file: Path | None, variant: str | None,
+          threads: int | None, as_json: bool) -> None:
+    """Run a bundle on texts, without torch: labels with scores, token labels, or embeddings."""
+    from .runtime import BundleModel
+
+    inputs = _read_inputs(texts, input_file)
+    model = BundleModel(bundle, variant, threads=threads)
+    results = model.infer(inputs)
+    if as_json:
+        _emit_json({"variant": model.variant, "task": model.task, "results": results})
+        return
+    for r in results:
+        if "label" in r:
+            click.echo(f"{r['label']}\t{r['score']:.4f}\t{r['text']}")
+        elif "tokens" in r:
+            tags = " ".join(f"{t['token']}/{t['label']}" for t in r["tokens"])
+            click.echo(f"{r['text']}\n  {tags}")
+        else:
+            e = r["embedding"]
+            head = ", ".join(f"{x:.4f}" for x in e[:4])
+            click.echo(f"[{head}, ...] (dim {len(e)})\t{r['text']}")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON on stdout.")
+def inspect(path: Path, as_json: bool) -> None:
+    """Show what an adapter folder or a bundle holds (base, task, rank, targets, variants). No torch needed."""
+    from .inspection import inspect_path
+
+    info = inspect_path(path)
+    if as_json:
+        _emit_json(info)
+        return
+    for key, value in info.items():
+        if isinstance(value, dict):
+            click.echo(f"{key}:")
+            for k, v in value.items():
+                click.echo(f"  {k}: {v}")
+        else:
+            click.echo(f"{key}: {value}")
+
+
+def main() -> None:
+    cli(prog_name="export-adapter")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The library's exception hierarchy.
+
+Every error a user can cause is an ``ExporterError`` with a one-line message that names the problem and
+the fix; the CLI prints ``error: <message>`` and exits with ``exit_code``. Anything else escaping the library
+is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class ExporterError(Exception):
+    """Base class: a failure the user can act on."""
+
+    exit_code = 1
+
+
+class UserInputError(ExporterError):
+    """A path, flag or file the user gave is missing or malformed."""
+
+
+class UnsafeFormatError(ExporterError):
+    """A file would need unpickling (arbitrary code execution) and the user has not opted in."""
+
+
+class MismatchError(ExporterError):
+    """The adapter does not fit the base model (missing module, wrong shape, wrong base)."""
+
+
+class NonFiniteError(ExporterError):
+    """NaN or inf in the base, the adapter or the merged weights."""
+
+
+class UnsupportedError(ExporterError):
+    """An architecture, task or adapter type this version cannot export."""
+
+
+class MissingExtraError(ExporterError):
+    """The command needs the full toolkit (torch, transformers, peft, onnx) and only the device profile is installed."""
+
+
+class OutputExistsError(ExporterError):
+    """OUT exists and --overwrite was not given, or another export holds its lock."""
+
+
+class BundleError(ExporterError):
+    """A bundle cannot be read: not a bundle, newer schema, runtime too old."""
+
+
+class ParityError(ExporterError):
+    """A parity gate or a bundle verification failed. Carries the report."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, report: dict | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def require_full(feature: str) -> None:
+    """Fail with one line when the full toolkit is missing, instead of an ImportError deep in a stage."""
+    missing = []
+    for module in ("torch", "transformers", "peft", "onnx", "safetensors"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise MissingExtraError(
+            f"{feature} needs the full toolkit ({', '.join(missing)} not installed); "
+            "install it with: pip install -c constraints.txt 'export-adapter[full]'"
+        )

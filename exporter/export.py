@@ -1,0 +1,127 @@
+"""torch.onnx export of the merged model, with the task's outputs declared in ``tasks.py``.
+
+The wrapper is also what produces the PyTorch reference, so the reference and the ONNX graph are the
+same computation by construction.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ExporterError, UnsupportedError
+from .tasks import TaskSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 20
+# Protobuf cannot hold a model over 2 GiB; past this many parameter bytes the weights go to one
+# external data file (model.onnx.data) beside the graph.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# The oldest onnxruntime that implements each default-domain opset (onnxruntime's compatibility table).
+MIN_ORT_FOR_OPSET = {17: "1.14", 18: "1.16", 19: "1.17", 20: "1.17", 21: "1.20", 22: "1.20", 23: "1.22"}
+
+
+@dataclass(frozen=True)
+class OnnxArtifact:
+    variant: str
+    path: Path
+    data_files: tuple[Path, ...]
+    opset: int
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+
+
+def make_wrapper(model: Any, task: TaskSpec, input_names: tuple[str, ...], pooling: dict | None):
+    """An nn.Module whose positional inputs and tuple outputs are exactly the ONNX graph's."""
+    import torch
+
+    class OnnxWrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args: torch.Tensor):
+            kwargs = dict(zip(input_names, args))
+            out = self.model(**kwargs)
+            if task.name != "feature-extraction":
+                return out.logits
+            hidden = out.last_hidden_state
+            mask = kwargs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            mode = (pooling or {}).get("mode", "mean")
+            if mode == "mean":
+                emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            elif mode == "max":
+                emb = hidden.masked_fill(mask == 0, -1e9).max(1).values
+            else:
+                emb = hidden[:, 0]
+            if (pooling or {}).get("normalize"):
+                emb = torch.nn.functional.normalize(emb, p=2.0, dim=-1)
+            return hidden, emb
+
+    return OnnxWrapper().eval()
+
+
+def run_torch(module: Any, feeds: dict[str, np.ndarray], output_names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    import torch
+
+    with torch.inference_mode():
+        out = module(*[torch.from_numpy(a) for a in feeds.values()])
+    if not isinstance(out, tuple):
+        out = (out,)
+    return {name: t.detach().float().numpy() for name, t in zip(output_names, out)}
+
+
+def export_onnx(
+    module: Any,
+    example: dict[str, np.ndarray],
+    path: Path,
+    task: TaskSpec,
+    opset: int = DEFAULT_OPSET,
+) -> OnnxArtifact:
+    """Export with dynamic batch and sequence axes; check the written file by path (works past 2 GiB)."""
+    import onnx
+    import torch
+
+    if opset not in MIN_ORT_FOR_OPSET:
+        raise UnsupportedError(f"opset {opset} is not supported; use one of {sorted(MIN_ORT_FOR_OPSET)}")
+    input_names = tuple(example)
+    output_names = tuple(o.name for o in task.outputs)
+    batch = torch.export.Dim("batch")
+    seq = torch.export.Dim("sequence")
+    dynamic_shapes = {"args": tuple({0: batch, 1: seq} for _ in input_names)}
+    n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    external = n_bytes > EXTERNAL_DATA_THRESHOLD
+    args = tuple(torch.from_numpy(a) for a in example.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                module, args, str(path), input_names=list(input_names), output_names=list(output_names),
+                opset_version=opset, dynamo=True, dynamic_shapes=dynamic_shapes, external_data=external,
+            )
+        except Exception as e:  # noqa: BLE001 - the exporter raises many types; name it and stop
+            raise ExporterError(
+                f"torch.onnx.export failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            ) from e
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as e:
+        raise ExporterError(f"{path.name}: the exported graph fails onnx.checker: {str(e)[:200]}") from None
+    data = path.with_name(path.name + ".data")
+    return OnnxArtifact(
+        "fp32", path, (data,) if data.exists() else (), opset, input_names, output_names
+    )
+
+
+def example_feeds(probe_feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A batch of 2 and a sequence of >= 3: torch.export specialises any dimension traced at size 1."""
+    ids = probe_feeds["input_ids"]
+    if ids.shape[0] >= 2 and ids.shape[1] >= 3:
+        return {k: v[:2] for k, v in probe_feeds.items()}
+    raise ExporterError("internal: the example batch for export needs batch >= 2 and sequence >= 3")

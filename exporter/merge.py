@@ -1,0 +1,204 @@
+"""Build the PyTorch model: base + adapter, checked for fit and finiteness, then merged with peft.
+
+Checks run before peft touches anything, because peft only warns on partial loads and silently
+re-initialises what it cannot match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import MismatchError, NonFiniteError, UserInputError
+from .loading import AdapterRef, BaseRef, load_adapter_tensors
+from .tasks import ArchSpec, TaskSpec
+
+log = logging.getLogger(__name__)
+
+PEFT_PREFIX = "base_model.model."
+GENERIC_LABEL = "LABEL_"
+
+
+@dataclass(frozen=True)
+class MergedModel:
+    module: Any  # torch.nn.Module in eval mode: the merged model wrapped with the task's ONNX outputs
+    labels: tuple[str, ...] | None
+    config: Any  # transformers PretrainedConfig of the merged model (saved into the bundle)
+    num_parameters: int
+
+
+def resolve_labels(
+    task: TaskSpec, arch: ArchSpec, base: BaseRef, adapter: AdapterRef, labels: tuple[str, ...] | None
+) -> tuple[str, ...] | None:
+    """Label names: --labels, else the adapter's sidecar, else the base's id2label; count checked against the head."""
+    if not task.has_labels:
+        return None
+    head = arch.head_layers[task.name]
+    head_key = f"{PEFT_PREFIX}{head}.weight"
+    n_head = adapter.shapes[head_key][0] if head_key in adapter.shapes else None
+    base_labels = None
+    id2label = base.config.get("id2label") or {}
+    if id2label and not all(str(v).startswith(GENERIC_LABEL) for v in id2label.values()):
+        base_labels = tuple(id2label[k] for k in sorted(id2label, key=int))
+    chosen = labels or adapter.labels or base_labels
+    if chosen is None:
+        if n_head is None:
+            raise MismatchError(
+                f"{adapter.path}: the adapter carries no classification head ({head} not in modules_to_save) and "
+                f"the base {base.name} has no labels; train with task_type set so the head is saved, or pass --labels"
+            )
+        chosen = tuple(f"{GENERIC_LABEL}{i}" for i in range(n_head))
+    if n_head is not None and len(chosen) != n_head:
+        raise MismatchError(
+            f"{len(chosen)} label names ({', '.join(chosen)}) but the adapter's head {head} has {n_head} outputs; "
+            "fix --labels or the adapter's export_adapter.json"
+        )
+    if len(set(chosen)) != len(chosen):
+        raise UserInputError(f"label names must be unique, got {', '.join(chosen)}")
+    return tuple(chosen)
+
+
+def load_base_model(task: TaskSpec, base: BaseRef, labels: tuple[str, ...] | None, trust_remote_code: bool):
+    import torch
+    import transformers
+
+    cls = getattr(transformers, task.model_class)
+    kwargs: dict[str, Any] = {"output_loading_info": True, "dtype": torch.float32}
+    if labels is not None:
+        kwargs.update(
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+        )
+    if base.revision:
+        kwargs["revision"] = base.revision
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    try:
+        model, info = cls.from_pretrained(base.location, **kwargs)
+    except OSError as e:
+        raise UserInputError(
+            f"cannot load base {base.name}: {str(e).splitlines()[0][:160]}; check the folder or hub id"
+        ) from None
+    except ValueError as e:  # shape clashes between config and weights, bad configs
+        raise MismatchError(f"cannot load base {base.name}: {str(e).splitlines()[0][:200]}") from None
+    model.eval()
+    _check_finite(model, f"base {base.name}", "re-download the base model")
+    return model, info
+
+
+def check_fit(model, adapter: AdapterRef, base: BaseRef, missing_in_base: list[str]) -> None:
+    """Every adapter tensor must land on a module of the base with the right shape; heads must be trained."""
+    import torch
+
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    recorded = f" (the adapter records base {adapter.recorded_base!r})" if adapter.recorded_base else ""
+    for key, shape in sorted(adapter.shapes.items()):
+        if not key.startswith(PEFT_PREFIX):
+            raise MismatchError(f"{adapter.weights_file}: unexpected key {key} (not a peft adapter key)")
+        rel = key.removeprefix(PEFT_PREFIX)
+        if ".lora_" in rel:
+            mod_name, _, rest = rel.partition(".lora_")
+            mod = modules.get(mod_name)
+            if mod is None:
+                raise MismatchError(
+                    f"adapter key {key}: base {base.name} has no module {mod_name}{recorded}; "
+                    "use the base the adapter was trained on"
+                )
+            if not isinstance(mod, torch.nn.Linear):
+                raise MismatchError(f"adapter key {key}: module {mod_name} is {type(mod).__name__}, not Linear")
+            if rest.startswith("A."):
+                expected: tuple[int, ...] = (adapter.rank_for(mod_name), mod.in_features)
+                bad = shape[1] != mod.in_features
+            elif rest.startswith("B."):
+                expected = (mod.out_features, adapter.rank_for(mod_name))
+                bad = shape[0] != mod.out_features
+            else:
+                continue  # lora_magnitude_vector etc. are checked by peft
+            if bad or len(shape) != 2:
+                raise MismatchError(
+                    f"adapter key {key} has shape {tuple(shape)} but base {base.name} module {mod_name} needs "
+                    f"{tuple(expected)} (in={mod.in_features}, out={mod.out_features}){recorded}; "
+                    "use the base the adapter was trained on"
+                )
+        else:
+            # modules_to_save: peft saves the trained copy under the original parameter name.
+            p = params.get(rel)
+            if p is None:
+                raise MismatchError(f"adapter key {key}: base {base.name} has no parameter {rel}{recorded}")
+            if tuple(p.shape) != tuple(shape):
+                raise MismatchError(
+                    f"adapter key {key} has shape {tuple(shape)} but base {base.name} parameter {rel} has "
+                    f"{tuple(p.shape)}{recorded}"
+                )
+    saved = {k.removeprefix(PEFT_PREFIX) for k in adapter.shapes}
+    untrained = [k for k in missing_in_base if k not in saved]
+    if untrained:
+        raise MismatchError(
+            f"base {base.name} has no trained weights for {untrained[0]} and the adapter does not carry them "
+            "(modules_to_save); train the adapter with the right task_type so its head is saved"
+        )
+
+
+def _lora_config(adapter: AdapterRef):
+    from peft import LoraConfig
+
+    fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    known = {k: v for k, v in adapter.config.items() if k in fields}
+    unknown = sorted(set(adapter.config) - fields - {"peft_version"})
+    warnings = []
+    if unknown:
+        warnings.append(
+            f"adapter_config.json has keys this peft does not know ({', '.join(unknown)}): ignored; "
+            "it was probably written by a newer peft"
+        )
+    known["inference_mode"] = True
+    try:
+        return LoraConfig(**known), warnings
+    except (TypeError, ValueError) as e:
+        raise UserInputError(f"{adapter.path / 'adapter_config.json'}: invalid LoRA config ({e})") from None
+
+
+def apply_adapter(model, adapter: AdapterRef, allow_pickle: bool):
+    """Wrap the base with peft and load the adapter's tensors; refuse any missing or unexpected key."""
+    from peft import get_peft_model
+    from peft.utils import set_peft_model_state_dict
+
+    config, warnings = _lora_config(adapter)
+    peft_model = get_peft_model(model, config)
+    tensors = load_adapter_tensors(adapter.path, allow_pickle)
+    result = set_peft_model_state_dict(peft_model, tensors)
+    if result.unexpected_keys:
+        raise MismatchError(f"{adapter.weights_file}: key {result.unexpected_keys[0]} matches no adapter module")
+    adapter_params = [n for n, _ in peft_model.named_parameters() if ".lora_" in n]
+    provided = {k.replace(".weight", "") for k in tensors}
+    for name in adapter_params:
+        short = name.replace(".default", "").replace(".weight", "")
+        if short not in provided:
+            raise MismatchError(
+                f"{adapter.weights_file}: no weights for {short} although adapter_config.json targets that "
+                "module; the file is partial (re-save the adapter)"
+            )
+    peft_model.eval()
+    return peft_model, warnings
+
+
+def merge(peft_model, base_name: str):
+    try:
+        merged = peft_model.merge_and_unload(safe_merge=True)
+    except ValueError as e:  # safe_merge raises ValueError when the merge produces NaN/inf
+        raise NonFiniteError(f"merging the adapter into {base_name} produced NaN or inf ({e})") from None
+    merged.eval()
+    _check_finite(merged, "merged model", "check the adapter's training")
+    return merged
+
+
+def _check_finite(model, what: str, fix: str) -> None:
+    import torch
+
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise NonFiniteError(f"{what}: parameter {name} contains NaN or inf; {fix}")

@@ -1,0 +1,119 @@
+"""Parity metrics and gates on numpy arrays.
+
+The PyTorch reference is computed once at export and stored, so the device-side ``verify`` runs this same
+code with onnxruntime only. Every miss is returned in the verdict, never hidden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class OutputInfo:
+    name: str
+    per_token: bool  # has a sequence axis: padded positions are excluded
+    is_logits: bool
+
+
+def _rows(a: np.ndarray, mask: np.ndarray | None, per_token: bool) -> np.ndarray:
+    """Flatten to (rows, features): one row per example, or per non-padded token for per-token outputs."""
+    a = np.asarray(a, dtype=np.float64)
+    if per_token:
+        return a[mask.astype(bool)] if mask is not None else a.reshape(-1, a.shape[-1])
+    return a.reshape(a.shape[0], -1)
+
+
+def output_metrics(
+    got: list[np.ndarray], ref: list[np.ndarray], masks: list[np.ndarray], info: OutputInfo, thresholds: dict
+) -> dict[str, Any]:
+    g = np.concatenate([_rows(x, m, info.per_token) for x, m in zip(got, masks)])
+    r = np.concatenate([_rows(x, m, info.per_token) for x, m in zip(ref, masks)])
+    finite = bool(np.isfinite(g).all())
+    diff = np.abs(g - r) if finite else np.full_like(r, np.inf)
+    denom = np.linalg.norm(g, axis=1) * np.linalg.norm(r, axis=1)
+    cos = np.where(denom > 0, (g * r).sum(axis=1) / np.maximum(denom, 1e-30), 1.0) if finite else np.zeros(len(r))
+    m: dict[str, Any] = {
+        "finite": finite,
+        "n_values": int(r.size),
+        "max_abs_diff": float(diff.max()) if r.size else 0.0,
+        "mean_abs_diff": float(diff.mean()) if r.size else 0.0,
+        "cosine_min": float(cos.min()) if len(cos) else 1.0,
+        "cosine_mean": float(cos.mean()) if len(cos) else 1.0,
+    }
+    if "atol" in thresholds:
+        bound = thresholds["atol"] + thresholds["rtol"] * np.abs(r)
+        m["n_over_tolerance"] = int((diff > bound).sum())
+    if info.is_logits and r.shape[1] > 1:
+        agree = g.argmax(axis=1) == r.argmax(axis=1)
+        m["argmax_agreement"] = float(agree.mean())
+        top2 = np.sort(r, axis=1)[:, -2:]
+        margin = top2[:, 1] - top2[:, 0]
+        m["min_top2_margin"] = float(margin.min())
+        if "clear_margin" in thresholds:
+            clear = margin >= thresholds["clear_margin"]
+            m["n_clear"] = int(clear.sum())
+            m["argmax_agreement_clear"] = float(agree[clear].mean()) if clear.any() else 1.0
+    return m
+
+
+def gate_failures(name: str, m: dict[str, Any], thresholds: dict) -> list[str]:
+    """Human-readable reasons an output misses its gate; empty when it passes."""
+    fails = []
+    if not m["finite"]:
+        return [f"{name}: onnxruntime produced NaN or inf"]
+    if "atol" in thresholds and m["n_over_tolerance"]:
+        fails.append(
+            f"{name}: {m['n_over_tolerance']} of {m['n_values']} values exceed "
+            f"|ort - torch| <= {thresholds['atol']:g} + {thresholds['rtol']:g}*|torch| "
+            f"(max abs diff {m['max_abs_diff']:.3g})"
+        )
+    if "min_cosine" in thresholds and m["cosine_min"] < thresholds["min_cosine"]:
+        fails.append(f"{name}: min cosine {m['cosine_min']:.6f} < {thresholds['min_cosine']}")
+    if "argmax_agreement" in thresholds and "argmax_agreement" in m:
+        key = "argmax_agreement_clear" if "clear_margin" in thresholds else "argmax_agreement"
+        if m[key] < thresholds["argmax_agreement"]:
+            where = f" on {m['n_clear']} clear-margin rows" if key.endswith("clear") else ""
+            fails.append(f"{name}: argmax agreement {m[key]:.4f}{where} < {thresholds['argmax_agreement']}")
+    return fails
+
+
+def compare_variant(
+    outputs: list[dict[str, np.ndarray]],
+    reference: list[dict[str, np.ndarray]],
+    masks: list[np.ndarray],
+    infos: list[OutputInfo],
+    thresholds: dict,
+) -> dict[str, Any]:
+    """One variant against the reference on every probe batch: metrics per output and the verdict."""
+    per_output: dict[str, Any] = {}
+    failures: list[str] = []
+    for info in infos:
+        got = [o[info.name] for o in outputs]
+        ref = [r[info.name] for r in reference]
+        shapes_ok = all(g.shape == r.shape for g, r in zip(got, ref))
+        if not shapes_ok:
+            failures.append(f"{info.name}: output shape {got[0].shape} differs from reference {ref[0].shape}")
+            continue
+        m = output_metrics(got, ref, masks, info, thresholds)
+        per_output[info.name] = m
+        failures += gate_failures(info.name, m, thresholds)
+    return {"passed": not failures, "thresholds": thresholds, "outputs": per_output, "failures": failures}
+
+
+def adapter_effect(
+    merged: list[dict[str, np.ndarray]], base: list[dict[str, np.ndarray]], masks: list[np.ndarray],
+    infos: list[OutputInfo],
+) -> dict[str, float]:
+    """Max |merged - base| per output over non-padded positions: how much the adapter changes the model."""
+    out = {}
+    for info in infos:
+        diffs = [
+            np.abs(_rows(m[info.name], k, info.per_token) - _rows(b[info.name], k, info.per_token)).max()
+            for m, b, k in zip(merged, base, masks)
+        ]
+        out[info.name] = float(max(diffs))
+    return out

@@ -1,0 +1,339 @@
+"""``run_pipeline(spec) -> Report``: the stage order, and nothing else.
+
+load → merge → export → quantize → verify → bundle. Everything is written in a staging folder beside OUT;
+only a fully verified bundle is renamed into place.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .bundle import (
+    INPUTS_NPZ,
+    OUTPUTS_NPZ,
+    PARITY_JSON,
+    PARITY_MD,
+    PROBES_JSON,
+    REFERENCE_DIR,
+    SCHEMA_VERSION,
+    check_out,
+    file_hashes,
+    make_staging,
+    output_lock,
+    publish,
+    reject,
+    write_json,
+    write_manifest,
+)
+from .errors import ParityError, UserInputError, require_full
+from .export import DEFAULT_OPSET, MIN_ORT_FOR_OPSET
+from .probes import DEFAULT_MAX_LENGTH
+from .quantize import QUANTIZE_MODES, VARIANT_FILES
+from .report import render_markdown
+from .tolerances import ADAPTER_EFFECT_FACTOR, FP32_ATOL, thresholds_for
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    adapter: Path
+    out: Path
+    base: str | None = None
+    revision: str | None = None
+    task: str | None = None
+    labels: tuple[str, ...] | None = None
+    quantize: tuple[str, ...] = ("int8",)
+    opset: int = DEFAULT_OPSET
+    overwrite: bool = False
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    max_length: int = DEFAULT_MAX_LENGTH
+
+    def recorded(self) -> dict[str, Any]:
+        """The effective settings as written into the bundle: no machine paths."""
+        d = asdict(self)
+        d["adapter"] = Path(self.adapter).resolve().name
+        d["out"] = Path(self.out).name
+        d["labels"] = list(self.labels) if self.labels else None
+        d["quantize"] = list(self.quantize)
+        return d
+
+
+@dataclass(frozen=True)
+class Report:
+    data: dict[str, Any] = field(repr=False)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.data["passed"])
+
+
+def normalize_modes(modes: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    out: list[str] = []
+    for m in modes:
+        if m == "none":
+            continue
+        if m not in QUANTIZE_MODES:
+            raise UserInputError(f"--quantize {m}: unknown mode; use one of: {', '.join(QUANTIZE_MODES)}, none")
+        if m not in out:
+            out.append(m)
+    return tuple(out)
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import onnx
+    import onnxruntime
+    import peft
+    import tokenizers
+    import torch
+    import transformers
+
+    return {
+        "export_adapter": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "peft": peft.__version__, "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__, "tokenizers": tokenizers.__version__, "numpy": numpy.__version__,
+    }
+
+
+class _Stages:
+    """Times each stage and reports it on the progress callback."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress = progress or (lambda msg: log.info(msg))
+        self.timings: dict[str, float] = {}
+
+    def run(self, name: str, what: str, fn: Callable[[], Any]) -> Any:
+        self.progress(f"{what} ...")
+        t0 = time.perf_counter()
+        result = fn()
+        self.timings[name] = round(time.perf_counter() - t0, 3)
+        self.progress(f"{what}: done in {self.timings[name]:.1f}s")
+        return result
+
+
+def run_pipeline(spec: ExportSpec, progress: Progress | None = None) -> Report:
+    require_full("export")
+    from .loading import check_architecture, inspect_adapter, resolve_base
+    from .tasks import get_arch, get_task
+
+    modes = normalize_modes(spec.quantize)
+    if spec.opset not in MIN_ORT_FOR_OPSET:
+        raise UserInputError(f"--opset {spec.opset}: not supported; use one of {sorted(MIN_ORT_FOR_OPSET)}")
+    out = Path(spec.out)
+    adapter_dir = Path(spec.adapter).resolve()
+    if out.resolve() == adapter_dir or adapter_dir in out.resolve().parents:
+        raise UserInputError(f"-o {out}: must not be the adapter folder or inside it; choose another folder")
+    check_out(out, spec.overwrite)
+    stages = _Stages(progress)
+    adapter = stages.run("inspect", "inspecting adapter", lambda: inspect_adapter(Path(spec.adapter), spec.allow_pickle))
+    base = resolve_base(spec.base, adapter, spec.revision)
+    check_architecture(base, spec.trust_remote_code)
+    arch = get_arch(base.model_type)
+    task = get_task(_choose_task(spec, adapter, base))
+    with output_lock(out):
+        staging = make_staging(out)
+        try:
+            report = _build(spec, modes, stages, adapter, base, arch, task, staging)
+            if report["passed"]:
+                publish(staging, out, spec.overwrite)
+            else:
+                rejected = reject(staging, out)
+                raise ParityError(
+                    f"parity gate failed ({'; '.join(_first_failures(report))}); nothing was written to {out}, "
+                    f"diagnostics are in {rejected}",
+                    report,
+                )
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    report["bundle"] = str(out)
+    return Report(report)
+
+
+def _first_failures(report: dict[str, Any]) -> list[str]:
+    return [f"{v}: {r['failures'][0]}" for v, r in report["variants"].items() if r["failures"]][:3]
+
+
+def _choose_task(spec: ExportSpec, adapter, base) -> str:
+    from .tasks import TASKS, task_from_peft
+
+    if spec.task:
+        return spec.task
+    from_adapter = task_from_peft(adapter.task_type)
+    if from_adapter:
+        return from_adapter
+    archs = base.config.get("architectures") or []
+    for a in archs:
+        if a.endswith("ForSequenceClassification"):
+            return "text-classification"
+        if a.endswith("ForTokenClassification"):
+            return "token-classification"
+    if archs and all(a.endswith("Model") for a in archs):
+        return "feature-extraction"
+    raise UserInputError(
+        f"cannot tell the task from the adapter (task_type {adapter.task_type}) or the base; pass --task "
+        f"({', '.join(sorted(TASKS))})"
+    )
+
+
+def _save_tokenizer(base, staging: Path, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    kwargs: dict[str, Any] = {"revision": base.revision} if base.revision else {}
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    try:
+        tok = AutoTokenizer.from_pretrained(base.location, use_fast=True, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserInputError(
+            f"base {base.name}: no usable tokenizer ({str(e).splitlines()[0][:120]}); add tokenizer files to the base"
+        ) from None
+    if not getattr(tok, "is_fast", False):
+        raise UserInputError(f"base {base.name}: the tokenizer cannot be converted to tokenizer.json (no fast version)")
+    if tok.pad_token is None:
+        raise UserInputError(f"base {base.name}: the tokenizer has no pad token; padded batches need one")
+    tok.save_pretrained(str(staging))
+    return tok
+
+
+def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Path) -> dict[str, Any]:
+    from .export import example_feeds, export_onnx, make_wrapper, run_torch
+    from .loading import license_files, pooling_config
+    from .merge import apply_adapter, check_fit, load_base_model, merge, resolve_labels
+    from .parity import OutputInfo, adapter_effect
+    from .probes import build_probes, load_tokenizer, save_arrays
+    from .quantize import quantize
+    from .tasks import input_names as task_inputs
+    from .verify import evaluate_variants
+
+    warnings = list(adapter.warnings)
+    tok = stages.run("tokenizer", "saving tokenizer", lambda: _save_tokenizer(base, staging, spec.trust_remote_code))
+    limits = [spec.max_length, base.config.get("max_position_embeddings", spec.max_length)
+              - (2 if base.model_type in ("roberta", "xlm-roberta") else 0)]
+    if 0 < tok.model_max_length < 1_000_000:
+        limits.append(tok.model_max_length)
+    max_length = min(limits)
+    names = task_inputs(arch, base.config.get("type_vocab_size"))
+    fast_tok = load_tokenizer(staging / "tokenizer.json", max_length, tok.pad_token_id, tok.pad_token)
+    probes = build_probes(fast_tok, names, max_length)
+    infos = [OutputInfo(o.name, "sequence" in o.axes, o.is_logits) for o in task.outputs]
+    output_names = tuple(i.name for i in infos)
+    labels = resolve_labels(task, arch, base, adapter, spec.labels)
+    pooling = pooling_config(base) if task.name == "feature-extraction" else None
+
+    def build_torch():
+        model, info = load_base_model(task, base, labels, spec.trust_remote_code)
+        check_fit(model, adapter, base, list(info.get("missing_keys", [])))
+        peft_model, w = apply_adapter(model, adapter, spec.allow_pickle)
+        warnings.extend(w)
+        unmerged = make_wrapper(peft_model, task, names, pooling)
+        with peft_model.disable_adapter():
+            base_out = [run_torch(unmerged, f, output_names) for f in probes.feeds]
+        merged = merge(peft_model, base.name)
+        return merged, base_out
+
+    merged, base_out = stages.run("merge", "loading base and merging adapter", build_torch)
+    wrapper = make_wrapper(merged, task, names, pooling)
+    reference = stages.run("reference", "computing PyTorch reference",
+                           lambda: [run_torch(wrapper, f, output_names) for f in probes.feeds])
+    masks = [f["attention_mask"] for f in probes.feeds]
+    effect = adapter_effect(reference, base_out, masks, infos)
+    required = ADAPTER_EFFECT_FACTOR * FP32_ATOL
+    meaningful = max(effect.values()) >= required
+    if not meaningful:
+        warnings.append(
+            f"the adapter barely changes the model (max |merged - base| {max(effect.values()):.2g} < {required:g}); "
+            "parity cannot show the adapter survived export (an untrained or zero-initialised adapter?)"
+        )
+    fp32 = stages.run("export", "exporting to ONNX (fp32)",
+                      lambda: export_onnx(wrapper, example_feeds(probes.feeds[-1]), staging / "model.onnx",
+                                          task, spec.opset))
+    merged.config.to_json_file(str(staging / "config.json"))
+    num_parameters = sum(p.numel() for p in merged.parameters())
+    # Free the torch model before onnxruntime sessions and quantizers load: peak memory is the max, not the sum.
+    del merged, wrapper
+    gc.collect()
+    artifacts = {"fp32": fp32}
+    for mode in modes:
+        artifacts[mode] = stages.run(f"quantize_{mode}", f"quantizing ({mode})",
+                                     lambda m=mode: quantize(fp32, m, staging))
+
+    (staging / REFERENCE_DIR).mkdir()
+    write_json(staging / PROBES_JSON, probes.to_json())
+    save_arrays(staging / INPUTS_NPZ, list(probes.feeds))
+    save_arrays(staging / OUTPUTS_NPZ, reference)
+    base_dir = staging / "base_model"
+    for f in license_files(base):
+        base_dir.mkdir(exist_ok=True)
+        shutil.copyfile(f, base_dir / f.name)
+
+    manifest: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "created_by": f"export-adapter {__version__}",
+        "task": task.name,
+        "labels": list(labels) if labels else None,
+        "base": {"name": base.name, "revision": base.revision, "model_type": base.model_type},
+        "adapter": adapter.summary(),
+        "num_parameters": num_parameters,
+        "opset": spec.opset,
+        "min_onnxruntime": MIN_ORT_FOR_OPSET[spec.opset],
+        "onnxruntime_fusions": False,
+        "inputs": [{"name": n, "dtype": "int64", "axes": ["batch", "sequence"]} for n in names],
+        "outputs": [{"name": o.name, "dtype": "float32", "axes": list(o.axes), "is_logits": o.is_logits}
+                    for o in task.outputs],
+        "pooling": pooling,
+        "tokenizer": {"file": "tokenizer.json", "max_length": max_length, "pad_id": tok.pad_token_id,
+                      "pad_token": tok.pad_token},
+        "reference": {"probes": PROBES_JSON, "inputs": INPUTS_NPZ, "outputs": OUTPUTS_NPZ},
+        "variants": {
+            name: {"file": a.path.name, "data_files": [d.name for d in a.data_files],
+                   "dtype": {"fp32": "float32", "fp16": "float16", "int8": "int8-dynamic-per-channel"}[name],
+                   "thresholds": thresholds_for(name)}
+            for name, a in artifacts.items()
+        },
+        "adapter_effect": {"max_abs_diff": effect, "required_min": required, "meaningful": meaningful},
+        "spec": spec.recorded(),
+        "versions": _versions(),
+    }
+    results = stages.run("verify", "checking parity with onnxruntime",
+                         lambda: evaluate_variants(staging, manifest, list(artifacts)))
+    passed = all(r["passed"] for r in results.values())
+    for name, r in results.items():
+        manifest["variants"][name]["passed"] = r["passed"]
+    passing_quantized = [m for m in modes if results[m]["passed"]]
+    manifest["default_variant"] = passing_quantized[0] if passing_quantized else "fp32"
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "command": "export",
+        "tool_version": __version__,
+        "passed": passed,
+        "bundle": None,
+        "task": task.name,
+        "base": manifest["base"],
+        "adapter": manifest["adapter"],
+        "labels": manifest["labels"],
+        "integrity": {"passed": True, "problems": []},
+        "variants": results,
+        "adapter_effect": manifest["adapter_effect"],
+        "warnings": warnings,
+        "timings": stages.timings,
+        "sizes": {name: sum((staging / f).stat().st_size for f in [a.path.name, *[d.name for d in a.data_files]])
+                  for name, a in artifacts.items()},
+    }
+    write_json(staging / PARITY_JSON, report)
+    (staging / PARITY_MD).write_text(render_markdown(report), encoding="utf-8")
+    manifest["files"] = file_hashes(staging)
+    write_manifest(staging, manifest)
+    return report

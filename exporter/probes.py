@@ -1,0 +1,100 @@
+"""Deterministic probe inputs, tokenized with the `tokenizers` library only.
+
+The same code runs at export time (to make the PyTorch reference) and on the device (``verify``
+re-tokenizes the stored texts and must reproduce the stored ids), so it must not import torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BundleError
+
+# Short, medium and long texts; the long one is truncated at max_length. Batches mix lengths so padding
+# is exercised, and batch 1 runs each of a few texts alone (no padding at all).
+PROBE_TEXTS: tuple[str, ...] = (
+    "Great.",
+    "The battery died after two days and support never answered my emails.",
+    "I was not expecting much, but the food was wonderful and the staff were kind.",
+    "Terrible.",
+    "Paris is the capital of France, and Marie Curie worked at the University of Paris.",
+    "An absolutely delightful film: sharp writing, lovely music, and a cast that clearly enjoyed every scene.",
+    "ok",
+    (
+        "We stayed for a week in late October. The room was clean and quiet, the breakfast had plenty of "
+        "choice, and the location made it easy to walk to the old town, the harbour and the museums. The "
+        "only downside was the slow lift, which sometimes took minutes to arrive, and the wifi that dropped "
+        "every evening around nine. Still, the staff went out of their way to help us book tours, recommended "
+        "restaurants that were not in any guide book, and even kept our bags after check-out. We would come "
+        "back without hesitation and have already recommended it to friends and family."
+    ),
+)
+PROBE_BATCHES: tuple[tuple[int, ...], ...] = ((0,), (1,), (7,), (0, 1, 2, 3), (4, 5, 6, 7, 2, 3, 0, 1))
+DEFAULT_MAX_LENGTH = 128
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    texts: tuple[str, ...]
+    batches: tuple[tuple[int, ...], ...]
+    max_length: int
+    input_names: tuple[str, ...]
+    # One dict per batch: input name -> int64 array (batch, sequence)
+    feeds: tuple[dict[str, np.ndarray], ...]
+
+    def to_json(self) -> dict:
+        return {"texts": list(self.texts), "batches": [list(b) for b in self.batches], "max_length": self.max_length}
+
+
+def load_tokenizer(path: Path, max_length: int, pad_id: int, pad_token: str):
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
+        raise BundleError(f"{path}: cannot load tokenizer ({str(e)[:100]}); re-export the bundle") from None
+    tok.enable_truncation(max_length=max_length)
+    tok.enable_padding(pad_id=pad_id, pad_token=pad_token)
+    return tok
+
+
+def encode(tok, texts: list[str] | tuple[str, ...], input_names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    encs = tok.encode_batch(list(texts))
+    feeds = {
+        "input_ids": np.array([e.ids for e in encs], dtype=np.int64),
+        "attention_mask": np.array([e.attention_mask for e in encs], dtype=np.int64),
+        "token_type_ids": np.array([e.type_ids for e in encs], dtype=np.int64),
+    }
+    return {name: feeds[name] for name in input_names}
+
+
+def build_probes(
+    tok,
+    input_names: tuple[str, ...],
+    max_length: int,
+    texts: tuple[str, ...] = PROBE_TEXTS,
+    batches: tuple[tuple[int, ...], ...] = PROBE_BATCHES,
+) -> ProbeSet:
+    feeds = tuple(encode(tok, [texts[i] for i in b], input_names) for b in batches)
+    return ProbeSet(tuple(texts), tuple(tuple(b) for b in batches), max_length, input_names, feeds)
+
+
+def save_arrays(path: Path, batches: list[dict[str, np.ndarray]]) -> None:
+    arrays = {f"{i}.{name}": a for i, b in enumerate(batches) for name, a in b.items()}
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def load_arrays(path: Path, n_batches: int) -> list[dict[str, np.ndarray]]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out: list[dict[str, np.ndarray]] = [{} for _ in range(n_batches)]
+            for key in z.files:
+                i, name = key.split(".", 1)
+                out[int(i)][name] = z[key]
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise BundleError(f"{path}: cannot read reference arrays ({e}); re-export the bundle") from None
+    return out

@@ -1,0 +1,108 @@
+"""Torch-free inference over a bundle: tokenizers + onnxruntime + numpy.
+
+This is what a device runs; importing torch or transformers here (even indirectly) is a bug, and a test
+runs these commands in a process where importing torch fails.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .bundle import read_manifest
+from .errors import BundleError, UserInputError
+from .parity import OutputInfo
+from .probes import encode, load_tokenizer
+
+
+def make_session(path: Path, providers: list[str] | None = None, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    available = ort.get_available_providers()
+    chosen = providers or ["CPUExecutionProvider"]
+    unknown = [p for p in chosen if p not in available]
+    if unknown:
+        raise UserInputError(
+            f"execution provider {unknown[0]} is not available here; available: {', '.join(available)}"
+        )
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph types
+        raise BundleError(f"{path.name}: onnxruntime cannot load it ({str(e).splitlines()[0][:160]})") from None
+
+
+def output_infos(manifest: dict[str, Any]) -> list[OutputInfo]:
+    return [OutputInfo(o["name"], "sequence" in o["axes"], bool(o["is_logits"])) for o in manifest["outputs"]]
+
+
+def bundle_tokenizer(root: Path, manifest: dict[str, Any]):
+    t = manifest["tokenizer"]
+    return load_tokenizer(root / t["file"], t["max_length"], t["pad_id"], t["pad_token"])
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class BundleModel:
+    """One variant of a bundle, ready for inference: ``BundleModel(path).infer(["some text"])``."""
+
+    def __init__(
+        self, root: Path | str, variant: str | None = None, providers: list[str] | None = None,
+        threads: int | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        variants = self.manifest["variants"]
+        self.variant = variant or self.manifest.get("default_variant", "fp32")
+        if self.variant not in variants:
+            raise UserInputError(f"{self.root}: no variant {self.variant!r}; this bundle has {', '.join(variants)}")
+        self.task = self.manifest["task"]
+        self.labels = self.manifest.get("labels")
+        self.input_names = tuple(i["name"] for i in self.manifest["inputs"])
+        self.output_names = tuple(o["name"] for o in self.manifest["outputs"])
+        self.tokenizer = bundle_tokenizer(self.root, self.manifest)
+        self.session = make_session(self.root / variants[self.variant]["file"], providers, threads)
+
+    def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
+        return encode(self.tokenizer, texts, self.input_names)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(list(self.output_names), feeds)))
+
+    def infer(self, texts: list[str]) -> list[dict[str, Any]]:
+        if not texts:
+            return []
+        feeds = self.encode(texts)
+        out = self.run(feeds)
+        if self.task == "text-classification":
+            probs = _softmax(out["logits"])
+            return [
+                {"text": t, "label": self.labels[int(p.argmax())], "score": float(p.max()),
+                 "scores": {lab: float(s) for lab, s in zip(self.labels, p)}}
+                for t, p in zip(texts, probs)
+            ]
+        if self.task == "token-classification":
+            probs = _softmax(out["logits"])
+            encs = self.tokenizer.encode_batch(texts)
+            results = []
+            for t, p, enc in zip(texts, probs, encs):
+                tokens = []
+                for j, (tok, (start, end), special) in enumerate(
+                    zip(enc.tokens, enc.offsets, enc.special_tokens_mask)
+                ):
+                    if special or not enc.attention_mask[j]:
+                        continue
+                    k = int(p[j].argmax())
+                    tokens.append({"token": tok, "start": start, "end": end, "label": self.labels[k],
+                                   "score": float(p[j][k])})
+                results.append({"text": t, "tokens": tokens})
+            return results
+        emb = out["sentence_embedding"]
+        return [{"text": t, "embedding": [float(x) for x in e]} for t, e in zip(texts, emb)]

@@ -1,0 +1,135 @@
+"""Registry of what really varies: tasks (outputs, model class) and encoder architectures.
+
+Declared as data, like optimum's exporters: a new architecture is one entry here plus a tiny test config
+(tests fail when a registered architecture has none).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import UnsupportedError
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    name: str
+    # Axis names; "sequence" marks a per-token output whose padded positions parity excludes.
+    axes: tuple[str, ...]
+    # Outputs whose argmax is a prediction (labels), so argmax agreement and margins apply.
+    is_logits: bool
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    model_class: str  # transformers Auto class
+    peft_task_types: tuple[str, ...]
+    outputs: tuple[OutputSpec, ...]
+    has_labels: bool
+
+
+TASKS: dict[str, TaskSpec] = {
+    "text-classification": TaskSpec(
+        name="text-classification",
+        model_class="AutoModelForSequenceClassification",
+        peft_task_types=("SEQ_CLS",),
+        outputs=(OutputSpec("logits", ("batch", "num_labels"), True),),
+        has_labels=True,
+    ),
+    "token-classification": TaskSpec(
+        name="token-classification",
+        model_class="AutoModelForTokenClassification",
+        peft_task_types=("TOKEN_CLS",),
+        outputs=(OutputSpec("logits", ("batch", "sequence", "num_labels"), True),),
+        has_labels=True,
+    ),
+    "feature-extraction": TaskSpec(
+        name="feature-extraction",
+        model_class="AutoModel",
+        peft_task_types=("FEATURE_EXTRACTION",),
+        outputs=(
+            OutputSpec("last_hidden_state", ("batch", "sequence", "hidden"), False),
+            OutputSpec("sentence_embedding", ("batch", "hidden"), False),
+        ),
+        has_labels=False,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    model_type: str
+    # Whether the model's forward takes token_type_ids (used only when config.type_vocab_size > 1).
+    accepts_token_type_ids: bool
+    default_lora_targets: tuple[str, ...]
+    # The head's final linear layer per task: its out_features is the number of labels.
+    head_layers: dict[str, str]
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "bert": ArchSpec(
+        "bert", True, ("query", "value"),
+        {"text-classification": "classifier", "token-classification": "classifier"},
+    ),
+    "roberta": ArchSpec(
+        "roberta", True, ("query", "value"),
+        {"text-classification": "classifier.out_proj", "token-classification": "classifier"},
+    ),
+    "xlm-roberta": ArchSpec(
+        "xlm-roberta", True, ("query", "value"),
+        {"text-classification": "classifier.out_proj", "token-classification": "classifier"},
+    ),
+    "distilbert": ArchSpec(
+        "distilbert", False, ("q_lin", "v_lin"),
+        {"text-classification": "classifier", "token-classification": "classifier"},
+    ),
+    "deberta-v2": ArchSpec(
+        "deberta-v2", True, ("query_proj", "value_proj"),
+        {"text-classification": "classifier", "token-classification": "classifier"},
+    ),
+}
+
+# peft task_type -> task name, for adapters that record one.
+PEFT_TASK_TYPES = {t: spec.name for spec in TASKS.values() for t in spec.peft_task_types}
+
+# Decoder tasks arrive with decoder export; name them so the error says "not yet" rather than "unknown".
+_LATER_TASK_TYPES = {"CAUSAL_LM": "text-generation", "SEQ_2_SEQ_LM": "text2text-generation"}
+
+
+def get_task(name: str) -> TaskSpec:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise UnsupportedError(
+            f"task {name!r} is not supported; use one of: {', '.join(sorted(TASKS))}"
+        ) from None
+
+
+def get_arch(model_type: str, *, needs_remote_code: bool = False) -> ArchSpec:
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    hint = " (it needs remote code, which is never run)" if needs_remote_code else ""
+    raise UnsupportedError(
+        f"architecture {model_type!r} is not supported{hint}; supported: {', '.join(sorted(ARCHITECTURES))}"
+    )
+
+
+def task_from_peft(task_type: str | None) -> str | None:
+    if task_type is None:
+        return None
+    if task_type in PEFT_TASK_TYPES:
+        return PEFT_TASK_TYPES[task_type]
+    if task_type in _LATER_TASK_TYPES:
+        raise UnsupportedError(
+            f"adapter task_type {task_type} ({_LATER_TASK_TYPES[task_type]}) is not supported yet; "
+            f"supported: {', '.join(sorted(TASKS))}"
+        )
+    return None
+
+
+def input_names(arch: ArchSpec, type_vocab_size: int | None) -> tuple[str, ...]:
+    names = ["input_ids", "attention_mask"]
+    if arch.accepts_token_type_ids and (type_vocab_size or 0) > 1:
+        names.append("token_type_ids")
+    return tuple(names)

@@ -1,0 +1,46 @@
+"""Every parity threshold in one place, each with where its number comes from.
+
+The thresholds used for a bundle are written into its manifest, so ``verify`` on a device applies exactly
+the numbers the export was judged by, even after this module changes.
+"""
+
+from __future__ import annotations
+
+# fp32 ONNX vs PyTorch, elementwise on every output: |ort - torch| <= FP32_ATOL + FP32_RTOL * |torch|.
+# transformers 5.x + torch.onnx.export measured <= 3e-6 max abs diff on BERT-family encoders and
+# MiniLM-L6 with a merged LoRA measured 7e-8; 1e-4 leaves ~30x headroom for other CPUs/thread counts
+# (reduction order changes the last bits) while a dropped adapter or a perturbed weight is >= 1e-3.
+FP32_ATOL = 1e-4
+FP32_RTOL = 1e-3
+
+# fp16 (weights and activations fp16, inputs/outputs kept fp32): fp16 has an 11-bit mantissa (~5e-4
+# relative), so per-row cosine stays above 0.9999 on MiniLM (measured max abs 7e-5 on logits ~0.05).
+FP16_MIN_COSINE = 0.9999
+FP16_ARGMAX_AGREEMENT = 1.0
+
+# int8 dynamic per-channel: MiniLM logits measured max abs error 3e-3. Cosine 0.99 per row is the issue's
+# contract for logits and embeddings; argmax must agree wherever the fp32 reference is not a near-tie.
+INT8_MIN_COSINE = 0.99
+INT8_ARGMAX_AGREEMENT = 1.0
+# A probe's top-2 logit margin is "clear" at >= 0.05: ~15x the measured int8 logit error, so a flip there
+# is a real defect, while a flip below it is quantization noise on a near-tie (reported, not gated).
+INT8_CLEAR_MARGIN = 0.05
+
+# The adapter's own effect (max |merged - base| over the probes) must be at least this many times the
+# fp32 absolute tolerance, or the fp32 gate could not tell the adapter was dropped (warned, not gated).
+ADAPTER_EFFECT_FACTOR = 10.0
+
+
+def thresholds_for(variant: str) -> dict[str, float]:
+    """The gate for one variant, as stored in the manifest and re-applied by ``verify``."""
+    if variant == "fp32":
+        return {"atol": FP32_ATOL, "rtol": FP32_RTOL}
+    if variant == "fp16":
+        return {"min_cosine": FP16_MIN_COSINE, "argmax_agreement": FP16_ARGMAX_AGREEMENT}
+    if variant == "int8":
+        return {
+            "min_cosine": INT8_MIN_COSINE,
+            "argmax_agreement": INT8_ARGMAX_AGREEMENT,
+            "clear_margin": INT8_CLEAR_MARGIN,
+        }
+    raise KeyError(f"no thresholds for variant {variant!r}")

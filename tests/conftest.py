@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def factory(tmp_path_factory):
+    """Session cache of tiny bases, adapters and exported bundles, keyed by what they are."""
+    from helpers import make_adapter, make_base
+
+    from exporter.pipeline import ExportSpec, run_pipeline
+
+    root = tmp_path_factory.mktemp("models")
+    cache: dict = {}
+
+    class Factory:
+        root_dir = root
+
+        def base(self, arch: str) -> Path:
+            key = ("base", arch)
+            if key not in cache:
+                cache[key] = make_base(arch, root / f"base-{arch}")
+            return cache[key]
+
+        def adapter(self, arch: str, task: str) -> Path:
+            key = ("adapter", arch, task)
+            if key not in cache:
+                cache[key] = make_adapter(self.base(arch), arch, task, root / f"adapter-{arch}-{task}")
+            return cache[key]
+
+        def bundle(self, arch: str, task: str, quantize=("int8", "fp16")):
+            key = ("bundle", arch, task, tuple(quantize))
+            if key not in cache:
+                out = root / f"bundle-{arch}-{task}-{'-'.join(quantize)}"
+                report = run_pipeline(ExportSpec(adapter=self.adapter(arch, task), out=out, quantize=tuple(quantize)))
+                cache[key] = (out, report)
+            return cache[key]
+
+    return Factory()

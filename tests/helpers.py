@@ -1,0 +1,109 @@
+"""Tiny random models built from configs (as transformers' own tests do), their tokenizer, and adapters."""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import (
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    BertConfig,
+    DebertaV2Config,
+    DistilBertConfig,
+    PreTrainedTokenizerFast,
+    RobertaConfig,
+    XLMRobertaConfig,
+)
+
+from exporter.probes import PROBE_TEXTS
+from exporter.tasks import ARCHITECTURES
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+LABELS = {"text-classification": ["negative", "neutral", "positive"],
+          "token-classification": ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"],
+          "feature-extraction": None}
+TASK_TYPES = {"text-classification": "SEQ_CLS", "token-classification": "TOKEN_CLS",
+              "feature-extraction": "FEATURE_EXTRACTION"}
+MODEL_CLASSES = {"text-classification": AutoModelForSequenceClassification,
+                 "token-classification": AutoModelForTokenClassification,
+                 "feature-extraction": AutoModel}
+
+
+def build_vocab() -> list[str]:
+    words = set()
+    for text in PROBE_TEXTS:
+        for w in text.lower().replace(",", " ").replace(".", " ").split():
+            words.add(w.strip(":;!?"))
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    return SPECIALS + chars + ["##" + c for c in string.ascii_lowercase + string.digits] + sorted(words - set(chars))
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {t: i for i, t in enumerate(build_vocab())}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", model_max_length=512,
+    )
+
+
+def tiny_config(arch: str, vocab_size: int):
+    common = dict(vocab_size=vocab_size, pad_token_id=0)
+    if arch == "bert":
+        return BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                          type_vocab_size=2, **common)
+    if arch == "roberta":
+        return RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                             max_position_embeddings=514, type_vocab_size=1, **common)
+    if arch == "xlm-roberta":
+        return XLMRobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                                max_position_embeddings=514, type_vocab_size=1, **common)
+    if arch == "distilbert":
+        return DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=37, **common)
+    if arch == "deberta-v2":
+        return DebertaV2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                               relative_attention=True, position_buckets=16, pos_att_type=["p2c", "c2p"],
+                               max_relative_positions=64, type_vocab_size=0, **common)
+    raise KeyError(arch)
+
+
+TINY_ARCHS = ("bert", "roberta", "xlm-roberta", "distilbert", "deberta-v2")
+assert set(TINY_ARCHS) <= set(ARCHITECTURES)
+
+
+def make_base(arch: str, out: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    model = AutoModel.from_config(tiny_config(arch, len(tok)))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def make_adapter(base: Path, arch: str, task: str, out: Path, r: int = 4, seed: int = 1,
+                 labels: list[str] | None = None, init_lora_weights: bool = False) -> Path:
+    torch.manual_seed(seed)
+    labels = labels if labels is not None else LABELS[task]
+    kwargs = {"num_labels": len(labels)} if labels else {}
+    model = MODEL_CLASSES[task].from_pretrained(base, **kwargs)
+    cfg = LoraConfig(task_type=TASK_TYPES[task], r=r, lora_alpha=2 * r,
+                     target_modules=list(ARCHITECTURES[arch].default_lora_targets),
+                     init_lora_weights=init_lora_weights)
+    pm = get_peft_model(model, cfg)
+    pm.peft_config["default"].base_model_name_or_path = str(base)
+    pm.save_pretrained(out)
+    if labels:
+        (out / "export_adapter.json").write_text(json.dumps({"labels": labels}))
+    return out
