@@ -6,7 +6,10 @@ same computation by construction.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,12 +101,15 @@ def export_onnx(
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     external = n_bytes > EXTERNAL_DATA_THRESHOLD
     args = tuple(torch.from_numpy(a) for a in example.values())
-    with warnings.catch_warnings():
+    # The exporter prints its own progress on stdout, which belongs to our results (--json).
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr if log.isEnabledFor(logging.DEBUG)
+                                                               else io.StringIO()):
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
                 module, args, str(path), input_names=list(input_names), output_names=list(output_names),
                 opset_version=opset, dynamo=True, dynamic_shapes=dynamic_shapes, external_data=external,
+                verbose=False,
             )
         except Exception as e:  # noqa: BLE001 - the exporter raises many types; name it and stop
             raise ExporterError(

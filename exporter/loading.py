@@ -103,10 +103,19 @@ class AdapterRef:
             "target_modules": self.target_modules,
             "modules_to_save": self.modules_to_save,
             "task_type": self.task_type,
-            "recorded_base": self.recorded_base,
+            "recorded_base": public_base_name(self.recorded_base),
             "sha256": self.sha256,
             "num_tensors": len(self.shapes),
         }
+
+
+def public_base_name(name: str | None) -> str | None:
+    """A base name fit to publish: hub ids and embedded names as they are, local paths as local:<folder>."""
+    if not name or name.startswith(("embedded:", "local:")):
+        return name
+    if name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1:
+        return f"local:{Path(name).name}"
+    return name
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -137,9 +137,10 @@ def check_fit(model, adapter: AdapterRef, base: BaseRef, missing_in_base: list[s
     saved = {k.removeprefix(PEFT_PREFIX) for k in adapter.shapes}
     untrained = [k for k in missing_in_base if k not in saved]
     if untrained:
+        modules = sorted({k.split(".")[0] for k in untrained})
         raise MismatchError(
-            f"base {base.name} has no trained weights for {untrained[0]} and the adapter does not carry them "
-            "(modules_to_save); train the adapter with the right task_type so its head is saved"
+            f"base {base.name} has no trained weights for {untrained[0]} and the adapter does not carry them; "
+            f"train the adapter with modules_to_save={modules} (or the right task_type) so they are saved"
         )
 
 

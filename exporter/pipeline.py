@@ -6,12 +6,13 @@ only a fully verified bundle is renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import platform
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,8 @@ from .bundle import (
 )
 from .errors import ParityError, UserInputError, require_full
 from .export import DEFAULT_OPSET, MIN_ORT_FOR_OPSET
-from .probes import DEFAULT_MAX_LENGTH
-from .quantize import QUANTIZE_MODES, VARIANT_FILES
+from .probes import DEFAULT_MAX_LENGTH, PROBE_TEXTS
+from .quantize import QUANTIZE_MODES
 from .report import render_markdown
 from .tolerances import ADAPTER_EFFECT_FACTOR, FP32_ATOL, thresholds_for
 
@@ -114,10 +115,10 @@ class _Stages:
         self.progress = progress or (lambda msg: log.info(msg))
         self.timings: dict[str, float] = {}
 
-    def run(self, name: str, what: str, fn: Callable[[], Any]) -> Any:
+    def run(self, name: str, what: str, fn: Callable[..., Any], *args: Any) -> Any:
         self.progress(f"{what} ...")
         t0 = time.perf_counter()
-        result = fn()
+        result = fn(*args)
         self.timings[name] = round(time.perf_counter() - t0, 3)
         self.progress(f"{what}: done in {self.timings[name]:.1f}s")
         return result
@@ -142,7 +143,7 @@ def run_pipeline(spec: ExportSpec, progress: Progress | None = None) -> Report:
     check_architecture(base, spec.trust_remote_code)
     arch = get_arch(base.model_type)
     task = get_task(_choose_task(spec, adapter, base))
-    with output_lock(out):
+    with output_lock(out), _quiet_libraries():
         staging = make_staging(out)
         try:
             report = _build(spec, modes, stages, adapter, base, arch, task, staging)
@@ -160,6 +161,23 @@ def run_pipeline(spec: ExportSpec, progress: Progress | None = None) -> Report:
             raise
     report["bundle"] = str(out)
     return Report(report)
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """transformers' load reports and progress bars would bury our progress and one-line errors on stderr."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _first_failures(report: dict[str, Any]) -> list[str]:
@@ -188,9 +206,19 @@ def _choose_task(spec: ExportSpec, adapter, base) -> str:
     )
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "spm.model")
+
+
 def _save_tokenizer(base, staging: Path, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
+    if base.is_local and not any((Path(base.location) / f).is_file() for f in TOKENIZER_FILES):
+        # transformers 5 silently builds an empty-vocabulary tokenizer here; that bundle would be garbage.
+        raise UserInputError(
+            f"base {base.name}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...) in {base.location}; "
+            "copy the tokenizer of the model into that folder"
+        )
     kwargs: dict[str, Any] = {"revision": base.revision} if base.revision else {}
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
@@ -204,6 +232,18 @@ def _save_tokenizer(base, staging: Path, trust_remote_code: bool):
         raise UserInputError(f"base {base.name}: the tokenizer cannot be converted to tokenizer.json (no fast version)")
     if tok.pad_token is None:
         raise UserInputError(f"base {base.name}: the tokenizer has no pad token; padded batches need one")
+    vocab_size = base.config.get("vocab_size")
+    if vocab_size and len(tok) > vocab_size:
+        raise UserInputError(
+            f"base {base.name}: the tokenizer has {len(tok)} tokens but the model only {vocab_size} embeddings; "
+            "the tokenizer belongs to another model"
+        )
+    ids = tok(" ".join(PROBE_TEXTS[:3]), add_special_tokens=False)["input_ids"]
+    if tok.unk_token_id is not None and ids.count(tok.unk_token_id) > len(ids) // 2:
+        raise UserInputError(
+            f"base {base.name}: the tokenizer maps most English text to {tok.unk_token}; its vocabulary is "
+            "missing or wrong"
+        )
     tok.save_pretrained(str(staging))
     return tok
 
@@ -247,7 +287,7 @@ def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Pat
     merged, base_out = stages.run("merge", "loading base and merging adapter", build_torch)
     wrapper = make_wrapper(merged, task, names, pooling)
     reference = stages.run("reference", "computing PyTorch reference",
-                           lambda: [run_torch(wrapper, f, output_names) for f in probes.feeds])
+                           lambda w: [run_torch(w, f, output_names) for f in probes.feeds], wrapper)
     masks = [f["attention_mask"] for f in probes.feeds]
     effect = adapter_effect(reference, base_out, masks, infos)
     required = ADAPTER_EFFECT_FACTOR * FP32_ATOL
@@ -257,9 +297,8 @@ def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Pat
             f"the adapter barely changes the model (max |merged - base| {max(effect.values()):.2g} < {required:g}); "
             "parity cannot show the adapter survived export (an untrained or zero-initialised adapter?)"
         )
-    fp32 = stages.run("export", "exporting to ONNX (fp32)",
-                      lambda: export_onnx(wrapper, example_feeds(probes.feeds[-1]), staging / "model.onnx",
-                                          task, spec.opset))
+    fp32 = stages.run("export", "exporting to ONNX (fp32)", export_onnx, wrapper,
+                      example_feeds(probes.feeds[-1]), staging / "model.onnx", task, spec.opset)
     merged.config.to_json_file(str(staging / "config.json"))
     num_parameters = sum(p.numel() for p in merged.parameters())
     # Free the torch model before onnxruntime sessions and quantizers load: peak memory is the max, not the sum.

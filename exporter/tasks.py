@@ -65,6 +65,9 @@ class ArchSpec:
     default_lora_targets: tuple[str, ...]
     # The head's final linear layer per task: its out_features is the number of labels.
     head_layers: dict[str, str]
+    # Modules that peft must save with a sequence-classification adapter (modules_to_save): the head,
+    # plus anything else the task class adds on top of the bare base model (DeBERTa's ContextPooler).
+    seq_cls_modules: tuple[str, ...] = ("classifier",)
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -87,6 +90,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "deberta-v2": ArchSpec(
         "deberta-v2", True, ("query_proj", "value_proj"),
         {"text-classification": "classifier", "token-classification": "classifier"},
+        seq_cls_modules=("classifier", "pooler"),
     ),
 }
 

@@ -17,6 +17,10 @@ FP32_RTOL = 1e-3
 # relative), so per-row cosine stays above 0.9999 on MiniLM (measured max abs 7e-5 on logits ~0.05).
 FP16_MIN_COSINE = 0.9999
 FP16_ARGMAX_AGREEMENT = 1.0
+# fp16 noise flips exact near-ties too (measured: 1 of 130 tokens of a tiny random token classifier with a
+# top-2 gap of ~1e-4), so argmax is gated where the fp32 top-2 margin >= 0.01: ~150x the measured fp16 logit
+# error (7e-5 on MiniLM). Agreement on every row is still reported.
+FP16_CLEAR_MARGIN = 0.01
 
 # int8 dynamic per-channel: MiniLM logits measured max abs error 3e-3. Cosine 0.99 per row is the issue's
 # contract for logits and embeddings; argmax must agree wherever the fp32 reference is not a near-tie.
@@ -36,7 +40,11 @@ def thresholds_for(variant: str) -> dict[str, float]:
     if variant == "fp32":
         return {"atol": FP32_ATOL, "rtol": FP32_RTOL}
     if variant == "fp16":
-        return {"min_cosine": FP16_MIN_COSINE, "argmax_agreement": FP16_ARGMAX_AGREEMENT}
+        return {
+            "min_cosine": FP16_MIN_COSINE,
+            "argmax_agreement": FP16_ARGMAX_AGREEMENT,
+            "clear_margin": FP16_CLEAR_MARGIN,
+        }
     if variant == "int8":
         return {
             "min_cosine": INT8_MIN_COSINE,

@@ -61,8 +61,10 @@ def main() -> None:
     model = get_peft_model(model, config)
     train_x, train_y = read(HERE / "data/sentiment/train.jsonl")
     eval_x, eval_y = read(HERE / "data/sentiment/eval.jsonl")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     order = list(range(len(train_x)))
+    steps = args.epochs * ((len(order) + 15) // 16)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / steps)
     for epoch in range(args.epochs):
         model.train()
         random.shuffle(order)
@@ -73,8 +75,9 @@ def main() -> None:
             loss = model(**enc, labels=torch.tensor([train_y[j] for j in idx])).loss
             loss.backward()
             opt.step()
+            sched.step()
             opt.zero_grad()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         acc = accuracy(model, tok, eval_x, eval_y)
         print(f"epoch {epoch + 1}: train loss {total / len(order):.4f}  eval accuracy {acc:.4f}")
 

@@ -100,7 +100,9 @@ def make_adapter(base: Path, arch: str, task: str, out: Path, r: int = 4, seed: 
     model = MODEL_CLASSES[task].from_pretrained(base, **kwargs)
     cfg = LoraConfig(task_type=TASK_TYPES[task], r=r, lora_alpha=2 * r,
                      target_modules=list(ARCHITECTURES[arch].default_lora_targets),
-                     init_lora_weights=init_lora_weights)
+                     init_lora_weights=init_lora_weights,
+                     modules_to_save=list(ARCHITECTURES[arch].seq_cls_modules)
+                     if task == "text-classification" else None)
     pm = get_peft_model(model, cfg)
     pm.peft_config["default"].base_model_name_or_path = str(base)
     pm.save_pretrained(out)

@@ -1,0 +1,57 @@
+"""Write the generated parts of docs/ from the code: CLI help and JSON Schemas.
+
+    python docs/generate.py          # rewrite them
+    python docs/generate.py --check  # exit 1 if any is stale (tests/test_docs.py does the same)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+DOCS = Path(__file__).parent
+
+
+def render_cli() -> str:
+    from click.testing import CliRunner
+
+    from exporter.cli import cli
+
+    parts = ["# Command-line reference", "",
+             "Generated from `--help` by `python docs/generate.py`; do not edit by hand.", ""]
+    runner = CliRunner()
+    for args in ([], ["export"], ["verify"], ["infer"], ["inspect"]):
+        title = " ".join(["export-adapter", *args])
+        out = runner.invoke(cli, [*args, "--help"], prog_name="export-adapter", terminal_width=100).output
+        parts += [f"## `{title}`", "", "```text", out.rstrip(), "```", ""]
+    return "\n".join(parts)
+
+
+def rendered() -> dict[str, str]:
+    from exporter.schema import MANIFEST_SCHEMA, REPORT_SCHEMA
+
+    return {
+        "cli.md": render_cli(),
+        "manifest.schema.json": json.dumps(MANIFEST_SCHEMA, indent=2) + "\n",
+        "report.schema.json": json.dumps(REPORT_SCHEMA, indent=2) + "\n",
+    }
+
+
+def main() -> int:
+    stale = []
+    for name, text in rendered().items():
+        path = DOCS / name
+        if "--check" in sys.argv:
+            if not path.exists() or path.read_text() != text:
+                stale.append(name)
+        else:
+            path.write_text(text)
+    if stale:
+        print(f"stale: {', '.join(stale)}; run python docs/generate.py")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

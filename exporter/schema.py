@@ -1,0 +1,167 @@
+"""JSON Schemas of the bundle manifest and of the Report (parity.json, export --json, verify --json).
+
+docs/manifest.schema.json and docs/report.schema.json are these dicts written out; a test keeps them equal,
+and every test bundle's manifest and report are validated against them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .bundle import SCHEMA_VERSION
+
+_THRESHOLDS = {
+    "type": "object",
+    "description": "The gate applied to this variant; verify re-applies exactly these numbers.",
+    "properties": {
+        "atol": {"type": "number"}, "rtol": {"type": "number"}, "min_cosine": {"type": "number"},
+        "argmax_agreement": {"type": "number"}, "clear_margin": {"type": "number"},
+    },
+    "additionalProperties": False,
+}
+
+_OUTPUT_METRICS = {
+    "type": "object",
+    "required": ["finite", "n_values", "max_abs_diff", "mean_abs_diff", "cosine_min", "cosine_mean"],
+    "properties": {
+        "finite": {"type": "boolean"},
+        "n_values": {"type": "integer", "description": "values compared (padded positions excluded)"},
+        "max_abs_diff": {"type": "number"},
+        "mean_abs_diff": {"type": "number"},
+        "cosine_min": {"type": "number", "description": "lowest per-row cosine (row = example or token)"},
+        "cosine_mean": {"type": "number"},
+        "n_over_tolerance": {"type": "integer", "description": "fp32: values outside atol + rtol*|torch|"},
+        "argmax_agreement": {"type": "number"},
+        "min_top2_margin": {"type": "number", "description": "smallest top-2 gap of the PyTorch logits"},
+        "n_clear": {"type": "integer", "description": "rows whose top-2 margin is >= clear_margin"},
+        "argmax_agreement_clear": {"type": "number"},
+    },
+}
+
+_VARIANT_RESULT = {
+    "type": "object",
+    "required": ["file", "passed", "thresholds", "outputs", "failures"],
+    "properties": {
+        "file": {"type": "string"},
+        "passed": {"type": "boolean"},
+        "thresholds": _THRESHOLDS,
+        "outputs": {"type": "object", "additionalProperties": _OUTPUT_METRICS},
+        "failures": {"type": "array", "items": {"type": "string"},
+                     "description": "one line per missed gate, naming the output and the numbers"},
+    },
+}
+
+_ADAPTER = {
+    "type": "object",
+    "required": ["name", "peft_type", "rank", "alpha", "target_modules", "sha256"],
+    "properties": {
+        "name": {"type": "string"}, "peft_type": {"type": "string"}, "rank": {"type": "integer"},
+        "alpha": {"type": "number"}, "use_rslora": {"type": "boolean"}, "use_dora": {"type": "boolean"},
+        "target_modules": {"type": "array", "items": {"type": "string"}},
+        "modules_to_save": {"type": "array", "items": {"type": "string"}},
+        "task_type": {"type": ["string", "null"]}, "recorded_base": {"type": ["string", "null"]},
+        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}, "num_tensors": {"type": "integer"},
+    },
+}
+
+_BASE = {
+    "type": "object",
+    "required": ["name", "model_type"],
+    "properties": {"name": {"type": "string"}, "revision": {"type": ["string", "null"]},
+                   "model_type": {"type": "string"}},
+}
+
+_EFFECT = {
+    "type": ["object", "null"],
+    "required": ["max_abs_diff", "required_min", "meaningful"],
+    "properties": {
+        "max_abs_diff": {"type": "object", "additionalProperties": {"type": "number"}},
+        "required_min": {"type": "number"},
+        "meaningful": {"type": "boolean"},
+    },
+}
+
+TASK_NAMES = ["text-classification", "token-classification", "feature-extraction"]
+VARIANT_NAMES = ["fp32", "int8", "fp16"]
+
+MANIFEST_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "export-adapter bundle manifest",
+    "type": "object",
+    "required": ["schema_version", "created_by", "task", "labels", "base", "adapter", "opset", "min_onnxruntime",
+                 "inputs", "outputs", "tokenizer", "reference", "variants", "default_variant", "files",
+                 "versions", "spec"],
+    "properties": {
+        "schema_version": {"const": SCHEMA_VERSION},
+        "created_by": {"type": "string"},
+        "task": {"enum": TASK_NAMES},
+        "labels": {"type": ["array", "null"], "items": {"type": "string"}},
+        "base": _BASE,
+        "adapter": _ADAPTER,
+        "num_parameters": {"type": "integer"},
+        "opset": {"type": "integer"},
+        "min_onnxruntime": {"type": "string"},
+        "onnxruntime_fusions": {"type": "boolean",
+                                "description": "true only when onnxruntime-specific fused ops were requested"},
+        "inputs": {"type": "array", "items": {
+            "type": "object", "required": ["name", "dtype", "axes"],
+            "properties": {"name": {"type": "string"}, "dtype": {"type": "string"},
+                           "axes": {"type": "array", "items": {"type": "string"}}}}},
+        "outputs": {"type": "array", "items": {
+            "type": "object", "required": ["name", "dtype", "axes", "is_logits"],
+            "properties": {"name": {"type": "string"}, "dtype": {"type": "string"},
+                           "axes": {"type": "array", "items": {"type": "string"}},
+                           "is_logits": {"type": "boolean"}}}},
+        "pooling": {"type": ["object", "null"]},
+        "tokenizer": {"type": "object", "required": ["file", "max_length", "pad_id", "pad_token"]},
+        "reference": {"type": "object", "required": ["probes", "inputs", "outputs"]},
+        "variants": {
+            "type": "object",
+            "propertyNames": {"enum": VARIANT_NAMES},
+            "required": ["fp32"],
+            "additionalProperties": {
+                "type": "object", "required": ["file", "data_files", "dtype", "thresholds", "passed"],
+                "properties": {"file": {"type": "string"}, "data_files": {"type": "array", "items": {"type": "string"}},
+                               "dtype": {"type": "string"}, "thresholds": _THRESHOLDS, "passed": {"type": "boolean"}},
+            },
+        },
+        "default_variant": {"enum": VARIANT_NAMES},
+        "adapter_effect": _EFFECT,
+        "spec": {"type": "object", "description": "the effective export settings (no machine paths)"},
+        "versions": {"type": "object", "required": ["export_adapter", "torch", "transformers", "peft", "onnx",
+                                                    "onnxruntime"],
+                     "additionalProperties": {"type": "string"}},
+        "files": {"type": "object", "description": "sha256 of every file except manifest.json and its checksum",
+                  "additionalProperties": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+    },
+}
+
+REPORT_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "export-adapter report (parity.json, export --json, verify --json)",
+    "type": "object",
+    "required": ["schema_version", "command", "passed", "task", "base", "adapter", "integrity", "variants",
+                 "warnings"],
+    "properties": {
+        "schema_version": {"const": SCHEMA_VERSION},
+        "command": {"enum": ["export", "verify"]},
+        "tool_version": {"type": "string"},
+        "passed": {"type": "boolean", "description": "true when integrity and every variant passed"},
+        "bundle": {"type": ["string", "null"]},
+        "task": {"enum": TASK_NAMES},
+        "base": _BASE,
+        "adapter": _ADAPTER,
+        "labels": {"type": ["array", "null"], "items": {"type": "string"}},
+        "integrity": {"type": "object", "required": ["passed", "problems"],
+                      "properties": {"passed": {"type": "boolean"},
+                                     "problems": {"type": "array", "items": {"type": "string"}}}},
+        "variants": {"type": "object", "propertyNames": {"enum": VARIANT_NAMES},
+                     "additionalProperties": _VARIANT_RESULT},
+        "adapter_effect": _EFFECT,
+        "warnings": {"type": "array", "items": {"type": "string"}},
+        "timings": {"type": "object", "additionalProperties": {"type": "number"},
+                    "description": "export only: seconds per stage"},
+        "sizes": {"type": "object", "additionalProperties": {"type": "integer"},
+                  "description": "export only: bytes per variant (graph + external data)"},
+    },
+}

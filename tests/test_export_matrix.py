@@ -1,0 +1,99 @@
+"""Every registered encoder architecture x every task: export, gates, bundle contract, verify."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers import TINY_ARCHS
+
+from exporter.bundle import MANIFEST, MANIFEST_SHA
+from exporter.loading import sha256_file
+from exporter.tasks import ARCHITECTURES, TASKS
+from exporter.tolerances import FP32_ATOL, FP32_RTOL
+from exporter.verify import verify_bundle
+
+CASES = [(a, t) for a in TINY_ARCHS for t in TASKS]
+
+
+def test_every_registered_architecture_is_tested():
+    assert set(ARCHITECTURES) == set(TINY_ARCHS), "a registered architecture has no tiny test config"
+
+
+@pytest.mark.parametrize("arch,task", CASES)
+def test_export_passes_gates_and_writes_contract(factory, arch, task):
+    out, report = factory.bundle(arch, task)
+    data = report.data
+    assert data["passed"], data["variants"]
+    assert set(data["variants"]) == {"fp32", "int8", "fp16"}
+    # The adapter must really change the model, or parity proves nothing.
+    assert data["adapter_effect"]["meaningful"]
+    assert min(data["adapter_effect"]["max_abs_diff"].values()) > 10 * FP32_ATOL
+    fp32 = data["variants"]["fp32"]["outputs"]
+    for m in fp32.values():
+        assert m["n_over_tolerance"] == 0 and m["max_abs_diff"] <= FP32_ATOL + FP32_RTOL * 10
+    for name in ("model.onnx", "model.int8.onnx", "model.fp16.onnx", "tokenizer.json", "config.json",
+                 "parity.json", "parity.md", MANIFEST, MANIFEST_SHA, "reference/probes.json",
+                 "reference/inputs.npz", "reference/outputs.npz"):
+        assert (out / name).is_file(), name
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["task"] == task
+    assert manifest["versions"]["torch"] and manifest["versions"]["onnxruntime"]
+    for rel, digest in manifest["files"].items():
+        assert sha256_file(out / rel) == digest
+    assert (out / MANIFEST_SHA).read_text().split()[0] == sha256_file(out / MANIFEST)
+    expected_outputs = [o.name for o in TASKS[task].outputs]
+    assert [o["name"] for o in manifest["outputs"]] == expected_outputs
+    inputs = [i["name"] for i in manifest["inputs"]]
+    assert inputs[:2] == ["input_ids", "attention_mask"]
+    assert ("token_type_ids" in inputs) == (arch == "bert")
+    # No machine path of the test's temporary folders may leak into the bundle's metadata.
+    for f in list(out.glob("*.json")) + list(out.glob("*.md")) + [out / "reference/probes.json"]:
+        assert str(factory.root_dir) not in f.read_text(), f.name
+
+
+@pytest.mark.parametrize("arch,task", CASES[:3] + [("distilbert", "token-classification")])
+def test_published_bundle_verifies_with_stored_thresholds(factory, arch, task):
+    out, _ = factory.bundle(arch, task)
+    report = verify_bundle(out)
+    assert report["passed"], report
+    assert report["integrity"] == {"passed": True, "problems": []}
+    assert set(report["variants"]) == {"fp32", "int8", "fp16"}
+
+
+def test_onnx_graph_has_dynamic_axes_and_standard_ops_only(factory):
+    import onnx
+
+    out, _ = factory.bundle("bert", "text-classification")
+    model = onnx.load(str(out / "model.onnx"))
+    domains = {n.domain for n in model.graph.node}
+    assert domains <= {"", "ai.onnx"}, domains
+    for inp in model.graph.input:
+        dims = [d.dim_param for d in inp.type.tensor_type.shape.dim]
+        assert dims == ["batch", "sequence"], (inp.name, dims)
+    assert [o.name for o in model.graph.output] == ["logits"]
+
+
+def test_runtime_handles_unseen_batch_and_length(factory):
+    from exporter.runtime import BundleModel
+
+    out, _ = factory.bundle("roberta", "token-classification")
+    model = BundleModel(out, "fp32")
+    texts = ["a b c d e f g h i j k l m n o p q r s t u v w x y z " * 3, "hi", "ok then", "x", "the end"]
+    results = model.infer(texts)
+    assert len(results) == 5
+    assert all(t["label"] in model.labels for r in results for t in r["tokens"])
+    assert len(results[1]["tokens"]) == 2  # "hi" -> h, ##i (specials and padding excluded)
+
+
+def test_feature_extraction_embedding_is_mean_pooled_hidden_state(factory):
+    from exporter.runtime import BundleModel
+
+    out, _ = factory.bundle("bert", "feature-extraction")
+    model = BundleModel(out, "fp32")
+    feeds = model.encode(["Great.", "The battery died after two days."])
+    res = model.run(feeds)
+    mask = feeds["attention_mask"][..., None]
+    mean = (res["last_hidden_state"] * mask).sum(1) / mask.sum(1)
+    np.testing.assert_allclose(res["sentence_embedding"], mean, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,45 @@
+"""verify, infer and inspect run in a process where importing torch or transformers is impossible."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+BLOCK = (
+    "import sys\n"
+    "for m in ('torch', 'transformers', 'peft', 'onnx', 'safetensors', 'optimum'):\n"
+    "    sys.modules[m] = None  # any import of these now raises ImportError\n"
+    "from exporter.cli import main\n"
+    "sys.argv = ['export-adapter'] + sys.argv[1:]\n"
+    "try:\n"
+    "    main()\n"
+    "finally:\n"
+    "    assert sys.modules.get('torch') is None\n"
+)
+
+
+def run_blocked(*args):
+    return subprocess.run([sys.executable, "-c", BLOCK, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_verify_infer_inspect_without_torch(factory):
+    out, _ = factory.bundle("bert", "text-classification")
+    r = run_blocked("verify", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["passed"] is True
+    r = run_blocked("infer", str(out), "Great.", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["results"][0]["label"] in ("negative", "neutral", "positive")
+    r = run_blocked("inspect", str(out))
+    assert r.returncode == 0 and "text-classification" in r.stdout, r.stderr
+    r = run_blocked("inspect", str(factory.adapter("bert", "text-classification")))
+    assert r.returncode == 0 and "LORA" in r.stdout, r.stderr
+
+
+def test_export_without_full_extra_says_so_in_one_line(factory, tmp_path):
+    r = run_blocked("export", "--adapter", str(factory.adapter("bert", "text-classification")), "-o",
+                    str(tmp_path / "o"))
+    assert r.returncode == 1
+    assert r.stderr.strip().startswith("error: export needs the full toolkit")
+    assert "export-adapter[full]" in r.stderr and "Traceback" not in r.stderr
