@@ -151,9 +151,13 @@ def run_pipeline(spec: ExportSpec, progress: Progress | None = None) -> Report:
                 publish(staging, out, spec.overwrite)
             else:
                 rejected = reject(staging, out)
+                failed = [v for v, r in report["variants"].items() if not r["passed"]]
+                others = [m for m in ("int8", "fp16") if m not in failed]
+                hint = (f"; fp32 passed: export without {', '.join(failed)} "
+                        f"(--quantize {others[0] if others else 'none'})" if "fp32" not in failed else "")
                 raise ParityError(
                     f"parity gate failed ({'; '.join(_first_failures(report))}); nothing was written to {out}, "
-                    f"diagnostics are in {rejected}",
+                    f"diagnostics are in {rejected}{hint}",
                     report,
                 )
         except BaseException:
