@@ -143,7 +143,7 @@ def run_pipeline(spec: ExportSpec, progress: Progress | None = None) -> Report:
     check_architecture(base, spec.trust_remote_code)
     arch = get_arch(base.model_type)
     task = get_task(_choose_task(spec, adapter, base))
-    with output_lock(out), _quiet_libraries():
+    with output_lock(out), quiet_libraries():
         staging = make_staging(out)
         try:
             report = _build(spec, modes, stages, adapter, base, arch, task, staging)
@@ -168,7 +168,7 @@ def run_pipeline(spec: ExportSpec, progress: Progress | None = None) -> Report:
 
 
 @contextlib.contextmanager
-def _quiet_libraries() -> Iterator[None]:
+def quiet_libraries() -> Iterator[None]:
     """transformers' load reports and progress bars would bury our progress and one-line errors on stderr."""
     from transformers.utils import logging as hf_logging
 
