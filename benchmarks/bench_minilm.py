@@ -56,8 +56,8 @@ def torch_model(threads: int):
     base = resolve_base(None, adapter)
     task, arch = get_task("text-classification"), get_arch(base.model_type)
     with quiet_libraries():
-        model, _ = load_base_model(task, base, resolve_labels(task, arch, base, adapter, None), False)
-    peft_model, _ = apply_adapter(model, adapter, False)
+        model, info = load_base_model(task, base, resolve_labels(task, arch, base, adapter, None), False)
+    peft_model, _ = apply_adapter(model, adapter, base, info["missing_keys"], False)
     names = input_names(arch, base.config.get("type_vocab_size"))
     return make_wrapper(merge(peft_model, base.name), task, names, None), names
 

@@ -36,8 +36,8 @@ def resolve_labels(
     if not task.has_labels:
         return None
     head = arch.head_layers[task.name]
-    head_key = f"{PEFT_PREFIX}{head}.weight"
-    n_head = adapter.shapes[head_key][0] if head_key in adapter.shapes else None
+    head_key = full_tensor_names(adapter.shapes).get(f"{head}.weight")
+    n_head = adapter.shapes[head_key][0] if head_key else None
     base_labels = None
     id2label = base.config.get("id2label") or {}
     if id2label and not all(str(v).startswith(GENERIC_LABEL) for v in id2label.values()):
@@ -89,6 +89,42 @@ def load_base_model(task: TaskSpec, base: BaseRef, labels: tuple[str, ...] | Non
     return model, info
 
 
+def full_tensor_names(keys) -> dict[str, str]:
+    """Adapter keys of whole tensors (modules_to_save, saved embeddings) -> the base parameter they replace.
+
+    peft writes the trained copy of a module either under the parameter's own name or with a
+    ``.modules_to_save.`` infix (plus an ``.original_module.`` copy we ignore); the infixed one wins.
+    """
+    out: dict[str, str] = {}
+    for key in sorted(keys, key=lambda k: ".modules_to_save." in k):
+        if ".lora_" in key or ".original_module." in key:
+            continue
+        out[key.removeprefix(PEFT_PREFIX).replace(".modules_to_save.", ".")] = key
+    return out
+
+
+def adapter_vocab_size(adapter: AdapterRef) -> int | None:
+    """Rows of the embedding matrix an adapter carries (it grew the vocabulary), else None."""
+    for name, key in full_tensor_names(adapter.shapes).items():
+        if name.endswith(("word_embeddings.weight", "embed_tokens.weight")):
+            return adapter.shapes[key][0]
+    return None
+
+
+def resize_embeddings(model, adapter: AdapterRef) -> int | None:
+    """An adapter that grew the vocabulary carries the whole embedding matrix: grow the base to match."""
+    emb = model.get_input_embeddings()
+    name = next(n for n, p in model.named_parameters() if p is emb.weight)
+    key = full_tensor_names(adapter.shapes).get(name)
+    if key is None:
+        return None
+    rows, dim = adapter.shapes[key]
+    if rows != emb.weight.shape[0] and dim == emb.weight.shape[1]:
+        model.resize_token_embeddings(rows, mean_resizing=False)
+        return rows
+    return None
+
+
 def check_fit(model, adapter: AdapterRef, base: BaseRef, missing_in_base: list[str]) -> None:
     """Every adapter tensor must land on a module of the base with the right shape; heads must be trained."""
     import torch
@@ -100,47 +136,47 @@ def check_fit(model, adapter: AdapterRef, base: BaseRef, missing_in_base: list[s
         if not key.startswith(PEFT_PREFIX):
             raise MismatchError(f"{adapter.weights_file}: unexpected key {key} (not a peft adapter key)")
         rel = key.removeprefix(PEFT_PREFIX)
-        if ".lora_" in rel:
-            mod_name, _, rest = rel.partition(".lora_")
-            mod = modules.get(mod_name)
-            if mod is None:
-                raise MismatchError(
-                    f"adapter key {key}: base {base.name} has no module {mod_name}{recorded}; "
-                    "use the base the adapter was trained on"
-                )
-            if not isinstance(mod, torch.nn.Linear):
-                raise MismatchError(f"adapter key {key}: module {mod_name} is {type(mod).__name__}, not Linear")
-            if rest.startswith("A."):
-                expected: tuple[int, ...] = (adapter.rank_for(mod_name), mod.in_features)
-                bad = shape[1] != mod.in_features
-            elif rest.startswith("B."):
-                expected = (mod.out_features, adapter.rank_for(mod_name))
-                bad = shape[0] != mod.out_features
-            else:
-                continue  # lora_magnitude_vector etc. are checked by peft
-            if bad or len(shape) != 2:
-                raise MismatchError(
-                    f"adapter key {key} has shape {tuple(shape)} but base {base.name} module {mod_name} needs "
-                    f"{tuple(expected)} (in={mod.in_features}, out={mod.out_features}){recorded}; "
-                    "use the base the adapter was trained on"
-                )
+        if ".lora_" not in rel:
+            continue
+        mod_name, _, rest = rel.partition(".lora_")
+        mod = modules.get(mod_name)
+        if mod is None:
+            raise MismatchError(
+                f"adapter key {key}: base {base.name} has no module {mod_name}{recorded}; "
+                "use the base the adapter was trained on"
+            )
+        if not isinstance(mod, torch.nn.Linear):
+            raise MismatchError(f"adapter key {key}: module {mod_name} is {type(mod).__name__}, not Linear")
+        if rest.startswith("A."):
+            expected: tuple[int, ...] = (adapter.rank_for(mod_name), mod.in_features)
+            bad = shape[1] != mod.in_features
+        elif rest.startswith("B."):
+            expected = (mod.out_features, adapter.rank_for(mod_name))
+            bad = shape[0] != mod.out_features
         else:
-            # modules_to_save: peft saves the trained copy under the original parameter name.
-            p = params.get(rel)
-            if p is None:
-                raise MismatchError(f"adapter key {key}: base {base.name} has no parameter {rel}{recorded}")
-            if tuple(p.shape) != tuple(shape):
-                raise MismatchError(
-                    f"adapter key {key} has shape {tuple(shape)} but base {base.name} parameter {rel} has "
-                    f"{tuple(p.shape)}{recorded}"
-                )
-    saved = {k.removeprefix(PEFT_PREFIX) for k in adapter.shapes}
-    untrained = [k for k in missing_in_base if k not in saved]
+            continue  # lora_magnitude_vector etc. are checked by peft
+        if bad or len(shape) != 2:
+            raise MismatchError(
+                f"adapter key {key} has shape {tuple(shape)} but base {base.name} module {mod_name} needs "
+                f"{tuple(expected)} (in={mod.in_features}, out={mod.out_features}){recorded}; "
+                "use the base the adapter was trained on"
+            )
+    full = full_tensor_names(adapter.shapes)
+    for name, key in full.items():
+        p = params.get(name)
+        if p is None:
+            raise MismatchError(f"adapter key {key}: base {base.name} has no parameter {name}{recorded}")
+        if tuple(p.shape) != tuple(adapter.shapes[key]):
+            raise MismatchError(
+                f"adapter key {key} has shape {tuple(adapter.shapes[key])} but base {base.name} parameter {name} "
+                f"has {tuple(p.shape)}{recorded}"
+            )
+    untrained = [k for k in missing_in_base if k not in full]
     if untrained:
-        modules = sorted({k.split(".")[0] for k in untrained})
+        top = sorted({k.split(".")[0] for k in untrained})
         raise MismatchError(
             f"base {base.name} has no trained weights for {untrained[0]} and the adapter does not carry them; "
-            f"train the adapter with modules_to_save={modules} (or the right task_type) so they are saved"
+            f"train the adapter with modules_to_save={top} (or the right task_type) so they are saved"
         )
 
 
@@ -163,20 +199,36 @@ def _lora_config(adapter: AdapterRef):
         raise UserInputError(f"{adapter.path / 'adapter_config.json'}: invalid LoRA config ({e})") from None
 
 
-def apply_adapter(model, adapter: AdapterRef, allow_pickle: bool):
-    """Wrap the base with peft and load the adapter's tensors; refuse any missing or unexpected key."""
+def apply_adapter(model, adapter: AdapterRef, base: BaseRef, missing_in_base: list[str], allow_pickle: bool):
+    """Fit-check, then load whole tensors into the base and LoRA tensors through peft; refuse any bad key.
+
+    Whole tensors (heads, grown embeddings) go straight into the base: merging would copy them there anyway,
+    and it keeps peft from re-initialising a module it cannot match.
+    """
+    import torch
     from peft import get_peft_model
     from peft.utils import set_peft_model_state_dict
 
-    config, warnings = _lora_config(adapter)
-    peft_model = get_peft_model(model, config)
+    resize_embeddings(model, adapter)
+    check_fit(model, adapter, base, missing_in_base)
     tensors = load_adapter_tensors(adapter.path, allow_pickle)
-    result = set_peft_model_state_dict(peft_model, tensors)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, key in full_tensor_names(tensors).items():
+            params[name].copy_(tensors[key])
+    config, warnings = _lora_config(adapter)
+    config.modules_to_save = None
+    peft_model = get_peft_model(model, config)
+    lora = {k: v for k, v in tensors.items() if ".lora_" in k}
+    # peft wraps a task's head itself (SEQ_CLS -> classifier) and expects its weights in the state dict again.
+    full = {PEFT_PREFIX + name: tensors[key] for name, key in full_tensor_names(tensors).items()}
+    result = set_peft_model_state_dict(peft_model, {**lora, **full})
     if result.unexpected_keys:
         raise MismatchError(f"{adapter.weights_file}: key {result.unexpected_keys[0]} matches no adapter module")
-    adapter_params = [n for n, _ in peft_model.named_parameters() if ".lora_" in n]
-    provided = {k.replace(".weight", "") for k in tensors}
-    for name in adapter_params:
+    provided = {k.replace(".weight", "") for k in lora}
+    for name, _ in peft_model.named_parameters():
+        if ".lora_" not in name:
+            continue
         short = name.replace(".default", "").replace(".weight", "")
         if short not in provided:
             raise MismatchError(

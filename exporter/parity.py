@@ -53,8 +53,10 @@ def output_metrics(
         top2 = np.sort(r, axis=1)[:, -2:]
         margin = top2[:, 1] - top2[:, 0]
         m["min_top2_margin"] = float(margin.min())
-        if "clear_margin" in thresholds:
-            clear = margin >= thresholds["clear_margin"]
+        if "clear_margin_rel" in thresholds:
+            # Relative to the output's scale: quantization error grows with the logits' magnitude.
+            m["clear_margin_abs"] = float(thresholds["clear_margin_rel"] * np.sqrt((r**2).mean()))
+            clear = margin >= m["clear_margin_abs"]
             m["n_clear"] = int(clear.sum())
             m["argmax_agreement_clear"] = float(agree[clear].mean()) if clear.any() else 1.0
     return m
@@ -74,7 +76,7 @@ def gate_failures(name: str, m: dict[str, Any], thresholds: dict) -> list[str]:
     if "min_cosine" in thresholds and m["cosine_min"] < thresholds["min_cosine"]:
         fails.append(f"{name}: min cosine {m['cosine_min']:.6f} < {thresholds['min_cosine']}")
     if "argmax_agreement" in thresholds and "argmax_agreement" in m:
-        key = "argmax_agreement_clear" if "clear_margin" in thresholds else "argmax_agreement"
+        key = "argmax_agreement_clear" if "clear_margin_rel" in thresholds else "argmax_agreement"
         if m[key] < thresholds["argmax_agreement"]:
             where = f" on {m['n_clear']} clear-margin rows" if key.endswith("clear") else ""
             fails.append(f"{name}: argmax agreement {m[key]:.4f}{where} < {thresholds['argmax_agreement']}")

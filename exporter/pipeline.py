@@ -214,9 +214,14 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model
                    "sentencepiece.bpe.model", "spm.model")
 
 
-def _save_tokenizer(base, staging: Path, trust_remote_code: bool):
-    from transformers import AutoTokenizer
+def _save_tokenizer(base, adapter, staging: Path, trust_remote_code: bool):
+    """The adapter's own tokenizer when it ships one (added tokens), else the base's; saved as tokenizer.json."""
 
+    from .merge import adapter_vocab_size
+
+    if any((adapter.path / f).is_file() for f in TOKENIZER_FILES):
+        return _load_tokenizer(adapter.path, f"adapter {adapter.name}", base.config.get("vocab_size"),
+                               adapter_vocab_size(adapter), staging, {})
     if base.is_local and not any((Path(base.location) / f).is_file() for f in TOKENIZER_FILES):
         # transformers 5 silently builds an empty-vocabulary tokenizer here; that bundle would be garbage.
         raise UserInputError(
@@ -226,27 +231,34 @@ def _save_tokenizer(base, staging: Path, trust_remote_code: bool):
     kwargs: dict[str, Any] = {"revision": base.revision} if base.revision else {}
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
+    return _load_tokenizer(base.location, f"base {base.name}", base.config.get("vocab_size"),
+                           adapter_vocab_size(adapter), staging, kwargs)
+
+
+def _load_tokenizer(location, what: str, base_vocab: int | None, adapter_vocab: int | None, staging: Path,
+                    kwargs: dict[str, Any]):
+    from transformers import AutoTokenizer
+
     try:
-        tok = AutoTokenizer.from_pretrained(base.location, use_fast=True, **kwargs)
+        tok = AutoTokenizer.from_pretrained(str(location), use_fast=True, **kwargs)
     except (OSError, ValueError) as e:
         raise UserInputError(
-            f"base {base.name}: no usable tokenizer ({str(e).splitlines()[0][:120]}); add tokenizer files to the base"
+            f"{what}: no usable tokenizer ({str(e).splitlines()[0][:120]}); add tokenizer files to it"
         ) from None
     if not getattr(tok, "is_fast", False):
-        raise UserInputError(f"base {base.name}: the tokenizer cannot be converted to tokenizer.json (no fast version)")
+        raise UserInputError(f"{what}: the tokenizer cannot be converted to tokenizer.json (no fast version)")
     if tok.pad_token is None:
-        raise UserInputError(f"base {base.name}: the tokenizer has no pad token; padded batches need one")
-    vocab_size = base.config.get("vocab_size")
+        raise UserInputError(f"{what}: the tokenizer has no pad token; padded batches need one")
+    vocab_size = adapter_vocab or base_vocab
     if vocab_size and len(tok) > vocab_size:
         raise UserInputError(
-            f"base {base.name}: the tokenizer has {len(tok)} tokens but the model only {vocab_size} embeddings; "
-            "the tokenizer belongs to another model"
+            f"{what}: the tokenizer has {len(tok)} tokens but the model only {vocab_size} embeddings; use the "
+            "model's own tokenizer (an adapter that adds tokens must ship its tokenizer and embedding matrix)"
         )
     ids = tok(" ".join(PROBE_TEXTS[:3]), add_special_tokens=False)["input_ids"]
     if tok.unk_token_id is not None and ids.count(tok.unk_token_id) > len(ids) // 2:
         raise UserInputError(
-            f"base {base.name}: the tokenizer maps most English text to {tok.unk_token}; its vocabulary is "
-            "missing or wrong"
+            f"{what}: the tokenizer maps most English text to {tok.unk_token}; its vocabulary is missing or wrong"
         )
     tok.save_pretrained(str(staging))
     return tok
@@ -255,7 +267,7 @@ def _save_tokenizer(base, staging: Path, trust_remote_code: bool):
 def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Path) -> dict[str, Any]:
     from .export import example_feeds, export_onnx, make_wrapper, run_torch
     from .loading import license_files, pooling_config
-    from .merge import apply_adapter, check_fit, load_base_model, merge, resolve_labels
+    from .merge import apply_adapter, load_base_model, merge, resolve_labels
     from .parity import OutputInfo, adapter_effect
     from .probes import build_probes, load_tokenizer, save_arrays
     from .quantize import quantize
@@ -263,7 +275,8 @@ def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Pat
     from .verify import evaluate_variants
 
     warnings = list(adapter.warnings)
-    tok = stages.run("tokenizer", "saving tokenizer", lambda: _save_tokenizer(base, staging, spec.trust_remote_code))
+    tok = stages.run("tokenizer", "saving tokenizer", _save_tokenizer, base, adapter, staging,
+                     spec.trust_remote_code)
     limits = [spec.max_length, base.config.get("max_position_embeddings", spec.max_length)
               - (2 if base.model_type in ("roberta", "xlm-roberta") else 0)]
     if 0 < tok.model_max_length < 1_000_000:
@@ -279,8 +292,7 @@ def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Pat
 
     def build_torch():
         model, info = load_base_model(task, base, labels, spec.trust_remote_code)
-        check_fit(model, adapter, base, list(info.get("missing_keys", [])))
-        peft_model, w = apply_adapter(model, adapter, spec.allow_pickle)
+        peft_model, w = apply_adapter(model, adapter, base, list(info.get("missing_keys", [])), spec.allow_pickle)
         warnings.extend(w)
         unmerged = make_wrapper(peft_model, task, names, pooling)
         with peft_model.disable_adapter():

@@ -15,7 +15,9 @@ _THRESHOLDS = {
     "description": "The gate applied to this variant; verify re-applies exactly these numbers.",
     "properties": {
         "atol": {"type": "number"}, "rtol": {"type": "number"}, "min_cosine": {"type": "number"},
-        "argmax_agreement": {"type": "number"}, "clear_margin": {"type": "number"},
+        "argmax_agreement": {"type": "number"},
+        "clear_margin_rel": {"type": "number", "description": "argmax is gated on rows whose top-2 margin >= "
+                             "this x rms of the reference logits"},
     },
     "additionalProperties": False,
 }
@@ -33,7 +35,8 @@ _OUTPUT_METRICS = {
         "n_over_tolerance": {"type": "integer", "description": "fp32: values outside atol + rtol*|torch|"},
         "argmax_agreement": {"type": "number"},
         "min_top2_margin": {"type": "number", "description": "smallest top-2 gap of the PyTorch logits"},
-        "n_clear": {"type": "integer", "description": "rows whose top-2 margin is >= clear_margin"},
+        "clear_margin_abs": {"type": "number", "description": "clear_margin_rel x rms of the reference logits"},
+        "n_clear": {"type": "integer", "description": "rows whose top-2 margin is >= clear_margin_abs"},
         "argmax_agreement_clear": {"type": "number"},
     },
 }

@@ -18,17 +18,20 @@ FP32_RTOL = 1e-3
 FP16_MIN_COSINE = 0.9999
 FP16_ARGMAX_AGREEMENT = 1.0
 # fp16 noise flips exact near-ties too (measured: 1 of 130 tokens of a tiny random token classifier with a
-# top-2 gap of ~1e-4), so argmax is gated where the fp32 top-2 margin >= 0.01: ~150x the measured fp16 logit
-# error (7e-5 on MiniLM). Agreement on every row is still reported.
-FP16_CLEAR_MARGIN = 0.01
+# top-2 gap of ~1e-4), so argmax is gated only where the PyTorch top-2 margin is clear. Margins are relative
+# to the output's scale (rms of the reference logits) because quantization error scales with the logits:
+# fp16 measured max abs error 0.0005-0.0014 x rms (MiniLM, tiny encoders); a flip needs the top-2 errors to
+# differ by the margin, so 0.01 x rms is ~3.5x the worst pair. Agreement on every row is still reported.
+FP16_CLEAR_MARGIN_REL = 0.01
 
-# int8 dynamic per-channel: MiniLM logits measured max abs error 3e-3. Cosine 0.99 per row is the issue's
+# int8 dynamic per-channel: MiniLM logits measured max abs error 0.25 on logits of rms 3.4. Cosine 0.99 per row is the issue's
 # contract for logits and embeddings; argmax must agree wherever the fp32 reference is not a near-tie.
 INT8_MIN_COSINE = 0.99
 INT8_ARGMAX_AGREEMENT = 1.0
-# A probe's top-2 logit margin is "clear" at >= 0.05: ~15x the measured int8 logit error, so a flip there
-# is a real defect, while a flip below it is quantization noise on a near-tie (reported, not gated).
-INT8_CLEAR_MARGIN = 0.05
+# A row's top-2 margin is "clear" at >= 0.2 x rms(reference logits): int8 measured max abs error
+# 0.04-0.075 x rms (MiniLM sentiment 0.076, tiny token classifiers 0.041-0.053), so two errors can differ by
+# ~0.15 x rms; a flip above 0.2 x rms is a real defect, one below is noise on a near-tie (reported, not gated).
+INT8_CLEAR_MARGIN_REL = 0.2
 
 # The adapter's own effect (max |merged - base| over the probes) must be at least this many times the
 # fp32 absolute tolerance, or the fp32 gate could not tell the adapter was dropped (warned, not gated).
@@ -43,12 +46,12 @@ def thresholds_for(variant: str) -> dict[str, float]:
         return {
             "min_cosine": FP16_MIN_COSINE,
             "argmax_agreement": FP16_ARGMAX_AGREEMENT,
-            "clear_margin": FP16_CLEAR_MARGIN,
+            "clear_margin_rel": FP16_CLEAR_MARGIN_REL,
         }
     if variant == "int8":
         return {
             "min_cosine": INT8_MIN_COSINE,
             "argmax_agreement": INT8_ARGMAX_AGREEMENT,
-            "clear_margin": INT8_CLEAR_MARGIN,
+            "clear_margin_rel": INT8_CLEAR_MARGIN_REL,
         }
     raise KeyError(f"no thresholds for variant {variant!r}")

@@ -104,6 +104,12 @@ def make_adapter(base: Path, arch: str, task: str, out: Path, r: int = 4, seed: 
                      modules_to_save=list(ARCHITECTURES[arch].seq_cls_modules)
                      if task == "text-classification" else None)
     pm = get_peft_model(model, cfg)
+    with torch.no_grad():
+        # A trained head has far larger weights than the 0.02-std init; with init-size heads the logits of a
+        # tiny model are ~0.05 and even a real LoRA change barely shows in them.
+        for name, p in pm.named_parameters():
+            if ".modules_to_save." in name:
+                p.mul_(25.0)
     pm.peft_config["default"].base_model_name_or_path = str(base)
     pm.save_pretrained(out)
     if labels:

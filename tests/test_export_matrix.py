@@ -97,3 +97,39 @@ def test_feature_extraction_embedding_is_mean_pooled_hidden_state(factory):
     mask = feeds["attention_mask"][..., None]
     mean = (res["last_hidden_state"] * mask).sum(1) / mask.sum(1)
     np.testing.assert_allclose(res["sentence_embedding"], mean, rtol=1e-5, atol=1e-6)
+
+
+def test_adapter_that_grew_the_vocabulary_is_carried_over(factory, tmp_path):
+    """modules_to_save with a resized embedding matrix and the adapter's own tokenizer (added tokens)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from exporter.pipeline import ExportSpec, run_pipeline
+    from exporter.runtime import BundleModel
+
+    base = factory.base("bert")
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_tokens(["<product>", "<brand>"])
+    torch.manual_seed(3)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
+    model.resize_token_embeddings(len(tok))
+    pm = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"],
+                                          modules_to_save=["classifier", "word_embeddings"], init_lora_weights=False))
+    with torch.no_grad():  # the new tokens' embeddings are "trained": make them distinctive
+        pm.base_model.model.bert.embeddings.word_embeddings.modules_to_save["default"].weight[-2:] += 1.0
+    adapter = tmp_path / "grown"
+    pm.save_pretrained(adapter)
+    tok.save_pretrained(adapter)
+    report = run_pipeline(ExportSpec(adapter=adapter, out=tmp_path / "b", base=str(base), labels=("no", "yes")))
+    assert report.passed, report.data["variants"]
+    bundle = BundleModel(tmp_path / "b", "fp32")
+    ids = bundle.encode(["<product> is great"])["input_ids"][0]
+    assert len(tok) - 2 in ids  # the added token survives into the bundle's tokenizer.json
+    # The exported model uses the adapter's trained rows for the new tokens: compare with PyTorch.
+    merged = pm.merge_and_unload().eval()
+    enc = {k: torch.from_numpy(v) for k, v in bundle.encode(["<product> <brand> ok"]).items()}
+    with torch.no_grad():
+        ref = merged(**enc).logits.numpy()
+    got = bundle.run({k: v.numpy() for k, v in enc.items()})["logits"]
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-3)

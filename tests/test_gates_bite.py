@@ -85,14 +85,17 @@ def test_gate_rejects_non_finite_outputs():
 
 def test_int8_argmax_flip_on_clear_margin_fails_but_near_tie_does_not():
     from exporter.parity import OutputInfo, compare_variant
-    from exporter.tolerances import INT8_CLEAR_MARGIN, thresholds_for
+    from exporter.tolerances import INT8_CLEAR_MARGIN_REL, thresholds_for
 
     info = [OutputInfo("logits", False, True)]
     masks = [np.ones((2, 3), dtype=np.int64)]
-    ref = [{"logits": np.array([[1.0, 1.0 + INT8_CLEAR_MARGIN / 10], [3.0, -3.0]], dtype=np.float32)}]
-    near_tie_flip = [{"logits": np.array([[1.0 + INT8_CLEAR_MARGIN / 10, 1.0], [3.0, -3.0]], dtype=np.float32)}]
-    clear_flip = [{"logits": np.array([[1.0, 1.0 + INT8_CLEAR_MARGIN / 10], [-3.0, 3.0]], dtype=np.float32)}]
-    assert compare_variant(near_tie_flip, ref, masks, info, thresholds_for("int8"))["passed"]
+    tie = INT8_CLEAR_MARGIN_REL / 10  # far below the clear margin (rms of these logits is ~2.1)
+    ref = [{"logits": np.array([[1.0, 1.0 + tie], [3.0, -3.0]], dtype=np.float32)}]
+    near_tie_flip = [{"logits": np.array([[1.0 + tie, 1.0], [3.0, -3.0]], dtype=np.float32)}]
+    clear_flip = [{"logits": np.array([[1.0, 1.0 + tie], [-3.0, 3.0]], dtype=np.float32)}]
+    r = compare_variant(near_tie_flip, ref, masks, info, thresholds_for("int8"))
+    assert r["passed"] and r["outputs"]["logits"]["argmax_agreement"] == 0.5
+    assert r["outputs"]["logits"]["n_clear"] == 1
     r = compare_variant(clear_flip, ref, masks, info, thresholds_for("int8"))
     assert not r["passed"] and any("argmax" in f for f in r["failures"])
 
