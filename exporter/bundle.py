@@ -68,7 +68,12 @@ def publish(staging: Path, out: Path, overwrite: bool) -> None:
         check_out(out, overwrite)
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.rename(out, old / "bundle")
-        os.rename(staging, out)
+        try:
+            os.rename(staging, out)
+        except BaseException:
+            os.rename(old / "bundle", out)  # put the previous bundle back: OUT is never left missing
+            shutil.rmtree(old, ignore_errors=True)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(staging, out)

@@ -24,7 +24,7 @@ def quantize(fp32: OnnxArtifact, mode: str, out_dir: Path) -> OnnxArtifact:
             _int8(fp32.path, path, external)
         else:
             _fp16(fp32.path, path, external)
-    except (ExporterError, OSError):
+    except (ExporterError, OSError, KeyboardInterrupt):
         raise
     except Exception as e:  # noqa: BLE001 - onnxruntime's tools raise plain Exceptions
         raise ExporterError(f"{mode} quantization failed: {type(e).__name__}: {str(e)[:200]}") from e
@@ -36,11 +36,26 @@ def _int8(src: Path, dst: Path, external: bool) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # Dynamic per-channel int8: measured accurate and 2-4x faster than torch eager on CPUs; full static
-    # QDQ gave wrong labels. The "run pre-processing" hint onnxruntime logs does not apply to dynamic mode.
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
-    quantize_dynamic(
-        str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=external
-    )
+    # QDQ gave wrong labels. The "run pre-processing" hint onnxruntime logs on the root logger does not
+    # apply to dynamic mode, so it is filtered out for the duration of the call.
+    root = logging.getLogger()
+    hint = _DropMessage("pre-processing before quantization")
+    root.addFilter(hint)
+    try:
+        quantize_dynamic(
+            str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=external
+        )
+    finally:
+        root.removeFilter(hint)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, needle: str) -> None:
+        super().__init__()
+        self.needle = needle
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.needle not in record.getMessage()
 
 
 def _fp16(src: Path, dst: Path, external: bool) -> None:
