@@ -7,6 +7,7 @@ Results go to stdout (``--json`` for machines); progress and errors go to stderr
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -63,7 +64,7 @@ def cli() -> None:
     """Take a LoRA-fine-tuned Hugging Face model to a verified ONNX bundle, and check or run bundles.
 
     \b
-    Full toolkit (torch):   export
+    Full toolkit (torch):      run, finetune, export, recipe
     Device profile (no torch): verify, infer, inspect
     Exit codes: 0 ok, 1 error, 2 usage, 3 parity/verification failed, 130/143 interrupted.
     """
@@ -136,6 +137,11 @@ def _print_summary(report: dict[str, Any]) -> None:
                    f"min cosine {cos:.6f}  {size}")
         for f in r["failures"]:
             click.echo(f"        {f}")
+    tm = report.get("task_metrics")
+    if tm:
+        shown = ", ".join(f"{v} {m['value']:.4f}" for v, m in tm["variants"].items())
+        click.echo(f"  {tm['metric']} on {tm['n_examples']} eval examples: PyTorch {tm['torch']:.4f}, {shown} "
+                   f"(max drop {tm['max_drop']})")
     for w in report.get("warnings") or []:
         click.echo(f"warning: {w}", err=True)
 
@@ -168,6 +174,116 @@ def verify(bundle: Path, variants: tuple[str, ...], providers: tuple[str, ...], 
         click.echo(f"{bundle}: {'verified' if report['passed'] else 'VERIFICATION FAILED'}")
     if not report["passed"]:
         sys.exit(EXIT_PARITY)
+
+
+def _overrides(epochs: float | None, max_steps: int | None, learning_rate: float | None, batch_size: int | None,
+               seed: int | None, quantize: tuple[str, ...] = ()) -> dict[str, Any]:
+    """CLI flags that override recipe values, as dotted recipe keys."""
+    pairs = {"training.epochs": epochs, "training.max_steps": max_steps, "training.learning_rate": learning_rate,
+             "training.batch_size": batch_size, "training.seed": seed,
+             "export.quantize": list(quantize) if quantize else None}
+    return {k: v for k, v in pairs.items() if v is not None}
+
+
+def _training_options(f):
+    for opt in reversed([
+        click.option("--epochs", type=float, default=None, help="Override training.epochs."),
+        click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Override training.max_steps."),
+        click.option("--learning-rate", type=float, default=None, help="Override training.learning_rate."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Override training.batch_size."),
+        click.option("--seed", type=int, default=None, help="Override training.seed."),
+        click.option("--work-dir", type=click.Path(path_type=Path), default=None,
+                     help="Checkpoint folder. Default: .OUT.work beside the output (kept if the run stops early)."),
+        click.option("--resume", is_flag=True, help="Continue from the last checkpoint in the work folder."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@cli.group()
+def recipe() -> None:
+    """Validate recipes and print their JSON Schema."""
+
+
+@recipe.command("check")
+@click.argument("file", type=click.Path(path_type=Path))
+def recipe_check(file: Path) -> None:
+    """Validate a recipe: keys, types, and that its data files exist. Exit 0 when valid, 1 otherwise."""
+    from .recipes import load_recipe
+
+    r = load_recipe(file)
+    click.echo(f"{file}: ok ({r.task} on {r.base}, LoRA r={r.lora.r}, quantize {', '.join(r.export.quantize)})")
+
+
+@recipe.command("schema")
+def recipe_schema_cmd() -> None:
+    """Print the recipe JSON Schema (point your editor's YAML support at it)."""
+    from .recipes import recipe_schema
+
+    _emit_json(recipe_schema())
+
+
+@cli.command()
+@click.argument("recipe_file", metavar="RECIPE", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Adapter folder to write (safetensors, labels, training_metrics.json); published atomically.")
+@_training_options
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the training metrics as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def finetune(recipe_file: Path, out: Path, epochs, max_steps, learning_rate, batch_size, seed, work_dir, resume,
+             overwrite: bool, as_json: bool, quiet: bool) -> None:
+    """Train a LoRA adapter from a recipe (peft + transformers Trainer, CPU).
+
+    Runs unchanged under torchrun / accelerate launch (DDP with gloo); only rank 0 writes OUT.
+    """
+    from .finetune import finetune as run_finetune
+    from .recipes import load_recipe
+
+    r = load_recipe(recipe_file, _overrides(epochs, max_steps, learning_rate, batch_size, seed))
+    result = run_finetune(r, out, work_dir=work_dir, resume=resume, overwrite=overwrite, quiet=quiet)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    metrics = {k: v for k, v in result.metrics.items() if k != "log_history"}
+    if as_json:
+        _emit_json(metrics)
+    else:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics["eval"].items()
+                          if k in ("accuracy", "macro_f1", "entity_f1", "loss", "perplexity"))
+        click.echo(f"adapter: {out}  ({metrics['global_step']} steps; eval {shown})")
+
+
+@cli.command()
+@click.argument("recipe_file", metavar="RECIPE", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
+@_training_options
+@click.option("--quantize", "quantize", multiple=True, type=click.Choice(["int8", "fp16", "none"]),
+              help="Override export.quantize; repeatable.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only after every check passed).")
+@click.option("--json", "as_json", is_flag=True, help="Print the Report (same object as parity.json) on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+def run(recipe_file: Path, out: Path, epochs, max_steps, learning_rate, batch_size, seed, work_dir, resume,
+        quantize: tuple[str, ...], overwrite: bool, as_json: bool, quiet: bool) -> None:
+    """Fine-tune, merge, export, quantize and verify in one go: a recipe to a verified bundle.
+
+    The report adds task-level parity: the task metric (accuracy, entity F1) of PyTorch next to each ONNX
+    variant on the recipe's eval data, gated by tolerances.max_metric_drop. Exit 3 when a gate fails.
+    """
+    from .pipeline import run_recipe
+    from .recipes import load_recipe
+
+    r = load_recipe(recipe_file, _overrides(epochs, max_steps, learning_rate, batch_size, seed, quantize))
+    try:
+        report = run_recipe(r, out, overwrite=overwrite, quiet=quiet, progress=_progress(quiet),
+                            work_dir=work_dir, resume=resume)
+    except ParityError as e:
+        if as_json and e.report is not None:
+            _emit_json(e.report)
+        raise
+    if as_json:
+        _emit_json(report.data)
+    else:
+        _print_summary(report.data)
 
 
 def _read_inputs(texts: tuple[str, ...], input_file: Path | None) -> list[str]:

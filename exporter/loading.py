@@ -166,6 +166,11 @@ def resolve_base(base: str | None, adapter: AdapterRef, revision: str | None = N
         raise UserInputError(
             f"{adapter.path / ADAPTER_CONFIG}: the adapter records no base_model_name_or_path; pass --base"
         )
+    return resolve_base_name(name, revision)
+
+
+def resolve_base_name(name: str, revision: str | None = None) -> BaseRef:
+    """A base from its name: embedded:NAME, a local folder, or a hub id."""
     if name.startswith("embedded:"):
         path = embedded_path(name.removeprefix("embedded:"))
         return BaseRef(name, str(path), None, read_json(path / "config.json", "base config"))

@@ -40,6 +40,8 @@ from .export import DEFAULT_OPSET, MIN_ORT_FOR_OPSET
 from .probes import DEFAULT_MAX_LENGTH, PROBE_TEXTS
 from .quantize import QUANTIZE_MODES
 from .report import render_markdown
+from .taskeval import PRIMARY_METRIC, TaskEvalSpec, judge, run_engine
+from .taskeval import prepare as prepare_eval
 from .tolerances import ADAPTER_EFFECT_FACTOR, FP32_ATOL, thresholds_for
 
 log = logging.getLogger(__name__)
@@ -60,10 +62,20 @@ class ExportSpec:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     max_length: int = DEFAULT_MAX_LENGTH
+    # From `run`: the user's eval rows for task-level parity (only metrics reach the bundle), the effective
+    # recipe to store as recipe.yaml, and whether to ship the trained adapter folder inside the bundle.
+    task_eval: TaskEvalSpec | None = field(default=None, repr=False)
+    recipe_yaml: str | None = field(default=None, repr=False)
+    include_adapter: bool = False
+    training: dict[str, Any] | None = field(default=None, repr=False)  # from `run`: fine-tuning summary
 
     def recorded(self) -> dict[str, Any]:
-        """The effective settings as written into the bundle: no machine paths."""
+        """The effective settings as written into the bundle: no machine paths, no eval data."""
         d = asdict(self)
+        d.pop("task_eval")
+        d.pop("recipe_yaml")
+        d.pop("training")
+        d["task_eval_rows"] = len(self.task_eval.rows) if self.task_eval else None
         d["adapter"] = Path(self.adapter).resolve().name
         d["out"] = Path(self.out).name
         d["labels"] = list(self.labels) if self.labels else None
@@ -182,6 +194,26 @@ def quiet_libraries() -> Iterator[None]:
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def _score_variants(staging: Path, artifacts: dict, eval_set, torch_metrics: dict, spec: TaskEvalSpec,
+                    results: dict) -> dict[str, Any]:
+    """Each variant's task metric next to PyTorch's; a drop over the recipe's tolerance fails the variant."""
+    from .runtime import make_session
+
+    variant_metrics = {}
+    for name, art in artifacts.items():
+        session = make_session(art.path)
+        variant_metrics[name] = run_engine(eval_set, lambda f, s=session: s.run(["logits"], f)[0])
+    judged = judge(eval_set.task, torch_metrics, variant_metrics, spec.max_metric_drop, len(spec.rows))
+    for name, v in judged["variants"].items():
+        if not v["passed"]:
+            results[name]["passed"] = False
+            results[name]["failures"].append(
+                f"task metric {judged['metric']} {v['value']:.4f} vs PyTorch {judged['torch']:.4f}: drop "
+                f"{v['drop']:.4f} > {spec.max_metric_drop}"
+            )
+    return judged
 
 
 def _first_failures(report: dict[str, Any]) -> list[str]:
@@ -304,6 +336,12 @@ def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Pat
     wrapper = make_wrapper(merged, task, names, pooling)
     reference = stages.run("reference", "computing PyTorch reference",
                            lambda w: [run_torch(w, f, output_names) for f in probes.feeds], wrapper)
+    eval_set = torch_metrics = None
+    if spec.task_eval is not None and task.name in PRIMARY_METRIC:
+        eval_set = prepare_eval(task.name, spec.task_eval, labels, fast_tok, names)
+        torch_metrics = stages.run(
+            "task_eval_torch", f"scoring PyTorch on {len(spec.task_eval.rows)} eval rows", run_engine, eval_set,
+            lambda f, w=wrapper: run_torch(w, f, output_names)["logits"])
     masks = [f["attention_mask"] for f in probes.feeds]
     effect = adapter_effect(reference, base_out, masks, infos)
     required = ADAPTER_EFFECT_FACTOR * FP32_ATOL
@@ -364,6 +402,10 @@ def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Pat
     }
     results = stages.run("verify", "checking parity with onnxruntime",
                          lambda: evaluate_variants(staging, manifest, list(artifacts)))
+    task_metrics = None
+    if eval_set is not None:
+        task_metrics = stages.run("task_eval_onnx", "scoring ONNX variants on the eval rows", _score_variants,
+                                  staging, artifacts, eval_set, torch_metrics, spec.task_eval, results)
     passed = all(r["passed"] for r in results.values())
     for name, r in results.items():
         manifest["variants"][name]["passed"] = r["passed"]
@@ -384,11 +426,56 @@ def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Pat
         "adapter_effect": manifest["adapter_effect"],
         "warnings": warnings,
         "timings": stages.timings,
+        "task_metrics": task_metrics,
+        "training": spec.training,
         "sizes": {name: sum((staging / f).stat().st_size for f in [a.path.name, *[d.name for d in a.data_files]])
                   for name, a in artifacts.items()},
     }
+    manifest["task_metrics"] = task_metrics
+    if spec.recipe_yaml:
+        (staging / "recipe.yaml").write_text(spec.recipe_yaml, encoding="utf-8")
+    if spec.include_adapter:
+        shutil.copytree(adapter.path, staging / "adapter")
     write_json(staging / PARITY_JSON, report)
     (staging / PARITY_MD).write_text(render_markdown(report), encoding="utf-8")
     manifest["files"] = file_hashes(staging)
     write_manifest(staging, manifest)
+    return report
+
+
+def run_recipe(recipe, out: Path, *, overwrite: bool = False, quiet: bool = False,
+               progress: Progress | None = None, work_dir: Path | None = None, resume: bool = False) -> Report:
+    """finetune -> merge -> export -> quantize -> verify -> bundle, with task-level parity on the eval data."""
+    from .finetune import finetune, load_task_data
+    from .recipes import effective_yaml
+
+    require_full("run")
+    out = Path(out)
+    check_out(out, overwrite)
+    if recipe.task == "text-generation":
+        from .errors import UnsupportedError
+
+        raise UnsupportedError("export of text-generation recipes arrives with decoder export; "
+                               "run `export-adapter finetune` for now")
+    adapter_dir = out.parent / f".{out.name}.adapter"
+    stages = _Stages(progress)
+    trained = stages.run("finetune", f"fine-tuning LoRA on {recipe.base}", finetune, recipe, adapter_dir,
+                         work_dir=work_dir, resume=resume, overwrite=True, quiet=quiet)
+    data = load_task_data(recipe)
+    task_eval = None
+    if recipe.task in ("text-classification", "token-classification"):
+        task_eval = TaskEvalSpec(tuple(data.eval), recipe.data.text_column, recipe.data.label_column,
+                                 recipe.tolerances.max_metric_drop)
+    spec = ExportSpec(
+        adapter=adapter_dir, out=out, base=recipe.base, revision=recipe.revision, task=recipe.task,
+        labels=tuple(data.labels) if data.labels else None, quantize=tuple(recipe.export.quantize),
+        opset=recipe.export.opset, overwrite=overwrite, trust_remote_code=recipe.trust_remote_code,
+        task_eval=task_eval, recipe_yaml=effective_yaml(recipe), include_adapter=True,
+        training={"seconds": stages.timings["finetune"],
+                  **{k: trained.metrics[k] for k in ("global_step", "train_loss", "eval", "train_rows", "eval_rows")}},
+    )
+    try:
+        report = run_pipeline(spec, progress)
+    finally:
+        shutil.rmtree(adapter_dir, ignore_errors=True)
     return report

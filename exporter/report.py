@@ -48,6 +48,13 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"| {name} | {out} | {'pass' if r['passed'] else 'FAIL'} | {_fmt(m['max_abs_diff'])} | "
                 f"{_fmt(m['mean_abs_diff'])} | {_fmt(m['cosine_min'])} | {_fmt(agree)} | {th} |"
             )
+    tm = report.get("task_metrics")
+    if tm:
+        lines += ["", f"## Task metric on {tm['n_examples']} eval examples ({tm['metric']}, max drop {tm['max_drop']})",
+                  "", "| engine | value | drop | verdict |", "|---|---|---|---|",
+                  f"| PyTorch | {_fmt(tm['torch'])} | - | reference |"]
+        lines += [f"| {v} | {_fmt(m['value'])} | {_fmt(m['drop'])} | {'pass' if m['passed'] else 'FAIL'} |"
+                  for v, m in tm["variants"].items()]
     failures = [f"- {v}: {f}" for v, r in report["variants"].items() for f in r["failures"]]
     if failures:
         lines += ["", "## Failures", ""] + failures

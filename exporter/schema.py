@@ -84,6 +84,23 @@ _EFFECT = {
     },
 }
 
+_TASK_METRICS = {
+    "type": ["object", "null"],
+    "description": "run only: the task metric of PyTorch and of each variant on the user's eval data",
+    "required": ["metric", "n_examples", "max_drop", "torch", "variants"],
+    "properties": {
+        "metric": {"enum": ["accuracy", "entity_f1"]},
+        "n_examples": {"type": "integer"},
+        "max_drop": {"type": "number"},
+        "torch": {"type": "number"},
+        "torch_all": {"type": "object"},
+        "variants": {"type": "object", "additionalProperties": {
+            "type": "object", "required": ["value", "drop", "passed"],
+            "properties": {"value": {"type": "number"}, "drop": {"type": "number"}, "passed": {"type": "boolean"},
+                           "all": {"type": "object"}}}},
+    },
+}
+
 TASK_NAMES = ["text-classification", "token-classification", "feature-extraction"]
 VARIANT_NAMES = ["fp32", "int8", "fp16"]
 
@@ -130,6 +147,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
         },
         "default_variant": {"enum": VARIANT_NAMES},
         "adapter_effect": _EFFECT,
+        "task_metrics": _TASK_METRICS,
         "spec": {"type": "object", "description": "the effective export settings (no machine paths)"},
         "versions": {"type": "object", "required": ["export_adapter", "torch", "transformers", "peft", "onnx",
                                                     "onnxruntime"],
@@ -166,5 +184,7 @@ REPORT_SCHEMA: dict[str, Any] = {
                     "description": "export only: seconds per stage"},
         "sizes": {"type": "object", "additionalProperties": {"type": "integer"},
                   "description": "export only: bytes per variant (graph + external data)"},
+        "task_metrics": _TASK_METRICS,
+        "training": {"type": ["object", "null"], "description": "run only: the fine-tuning summary"},
     },
 }

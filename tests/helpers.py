@@ -115,3 +115,44 @@ def make_adapter(base: Path, arch: str, task: str, out: Path, r: int = 4, seed: 
     if labels:
         (out / "export_adapter.json").write_text(json.dumps({"labels": labels}))
     return out
+
+
+def make_causal_base(out: Path, seed: int = 0) -> Path:
+    """A tiny Llama with the tiny WordPiece tokenizer (eos = [SEP]), enough to exercise SFT."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    tok.eos_token = "[SEP]"
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=0, eos_token_id=tok.eos_token_id, bos_token_id=tok.cls_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+SAMPLE_DATA = Path(__file__).resolve().parents[1] / "samples" / "data"
+
+
+def write_recipe(d: Path, base: Path | str, task: str, n_train: int = 48, n_eval: int = 16, **training) -> Path:
+    """A small recipe over the first rows of our sample data, with a tiny base."""
+    import json as _json
+
+    name, text_col, label_col = {"text-classification": ("sentiment", "text", "label"),
+                                 "token-classification": ("ner", "tokens", "tags"),
+                                 "text-generation": ("instructions", "prompt", "response")}[task]
+    d.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("eval", n_eval)):
+        lines = (SAMPLE_DATA / name / f"{split}.jsonl").read_text().splitlines()[:n]
+        (d / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    settings = {"max_steps": 4, "batch_size": 8, "learning_rate": 5e-3, "seed": 0, **training}
+    cols = ({"prompt_column": text_col, "response_column": label_col} if task == "text-generation"
+            else {"text_column": text_col, "label_column": label_col})
+    recipe = {"base": str(base), "task": task, "data": {"train": "train.jsonl", "eval": "eval.jsonl", **cols},
+              "lora": {"r": 4, "alpha": 8, "dropout": 0.0} | ({"target_modules": ["q_proj", "v_proj"]}
+                                                               if task == "text-generation" else {}),
+              "training": settings, "export": {"quantize": ["int8"]}, "tolerances": {"max_metric_drop": 0.05}}
+    path = d / "recipe.yaml"
+    path.write_text(_json.dumps(recipe))  # JSON is valid YAML
+    return path
