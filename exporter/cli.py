@@ -123,11 +123,11 @@ def export(adapter: Path, base: str | None, revision: str | None, out: Path, tas
     if as_json:
         _emit_json(report.data)
     else:
-        _print_summary(report.data)
+        _print_summary(report.data, out)
 
 
-def _print_summary(report: dict[str, Any]) -> None:
-    click.echo(f"bundle: {report.get('bundle')}  ({report['task']}, base {report['base']['name']})")
+def _print_summary(report: dict[str, Any], out: Path) -> None:
+    click.echo(f"bundle: {out}  ({report['task']}, base {report['base']['name']})")
     sizes = report.get("sizes") or {}
     for name, r in report["variants"].items():
         size = f"{sizes[name] / 1e6:8.1f} MB" if name in sizes else ""
@@ -283,7 +283,7 @@ def run(recipe_file: Path, out: Path, epochs, max_steps, learning_rate, batch_si
     if as_json:
         _emit_json(report.data)
     else:
-        _print_summary(report.data)
+        _print_summary(report.data, out)
 
 
 def _read_inputs(texts: tuple[str, ...], input_file: Path | None) -> list[str]:

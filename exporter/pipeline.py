@@ -127,10 +127,10 @@ class _Stages:
         self.progress = progress or (lambda msg: log.info(msg))
         self.timings: dict[str, float] = {}
 
-    def run(self, name: str, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    def run(self, name: str, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         self.progress(f"{what} ...")
         t0 = time.perf_counter()
-        result = fn(*args)
+        result = fn(*args, **kwargs)
         self.timings[name] = round(time.perf_counter() - t0, 3)
         self.progress(f"{what}: done in {self.timings[name]:.1f}s")
         return result
@@ -175,7 +175,6 @@ def run_pipeline(spec: ExportSpec, progress: Progress | None = None) -> Report:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-    report["bundle"] = str(out)
     return Report(report)
 
 
@@ -416,7 +415,7 @@ def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Pat
         "command": "export",
         "tool_version": __version__,
         "passed": passed,
-        "bundle": None,
+        "bundle": Path(spec.out).name,  # the folder name only: no machine path in the bundle
         "task": task.name,
         "base": manifest["base"],
         "adapter": manifest["adapter"],
