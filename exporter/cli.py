@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import ExporterError, ParityError
+from .errors import FULL_MODULES, RECIPE_MODULES, ExporterError, ParityError, require_full
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARITY, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 3, 130, 143
 
@@ -209,6 +209,7 @@ def recipe() -> None:
 @click.argument("file", type=click.Path(path_type=Path))
 def recipe_check(file: Path) -> None:
     """Validate a recipe: keys, types, and that its data files exist. Exit 0 when valid, 1 otherwise."""
+    require_full("recipe check", RECIPE_MODULES)
     from .recipes import load_recipe
 
     r = load_recipe(file)
@@ -218,6 +219,7 @@ def recipe_check(file: Path) -> None:
 @recipe.command("schema")
 def recipe_schema_cmd() -> None:
     """Print the recipe JSON Schema (point your editor's YAML support at it)."""
+    require_full("recipe schema", RECIPE_MODULES)
     from .recipes import recipe_schema
 
     _emit_json(recipe_schema())
@@ -237,6 +239,7 @@ def finetune(recipe_file: Path, out: Path, epochs, max_steps, learning_rate, bat
 
     Runs unchanged under torchrun / accelerate launch (DDP with gloo); only rank 0 writes OUT.
     """
+    require_full("finetune", FULL_MODULES + RECIPE_MODULES)
     from .finetune import finetune as run_finetune
     from .recipes import load_recipe
 
@@ -269,6 +272,7 @@ def run(recipe_file: Path, out: Path, epochs, max_steps, learning_rate, batch_si
     The report adds task-level parity: the task metric (accuracy, entity F1) of PyTorch next to each ONNX
     variant on the recipe's eval data, gated by tolerances.max_metric_drop. Exit 3 when a gate fails.
     """
+    require_full("run", FULL_MODULES + RECIPE_MODULES)
     from .pipeline import run_recipe
     from .recipes import load_recipe
 

@@ -56,10 +56,14 @@ class ParityError(ExporterError):
         self.report = report
 
 
-def require_full(feature: str) -> None:
+FULL_MODULES = ("torch", "transformers", "peft", "onnx", "safetensors")
+RECIPE_MODULES = ("yaml", "pydantic")
+
+
+def require_full(feature: str, modules: tuple[str, ...] = FULL_MODULES) -> None:
     """Fail with one line when the full toolkit is missing, instead of an ImportError deep in a stage."""
     missing = []
-    for module in ("torch", "transformers", "peft", "onnx", "safetensors"):
+    for module in modules:
         try:
             __import__(module)
         except ImportError:

@@ -8,7 +8,7 @@ import sys
 
 BLOCK = (
     "import sys\n"
-    "for m in ('torch', 'transformers', 'peft', 'onnx', 'safetensors', 'optimum'):\n"
+    "for m in ('torch', 'transformers', 'peft', 'onnx', 'safetensors', 'optimum', 'pydantic', 'yaml'):\n"
     "    sys.modules[m] = None  # any import of these now raises ImportError\n"
     "from exporter.cli import main\n"
     "sys.argv = ['export-adapter'] + sys.argv[1:]\n"
@@ -43,3 +43,11 @@ def test_export_without_full_extra_says_so_in_one_line(factory, tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip().startswith("error: export needs the full toolkit")
     assert "export-adapter[full]" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_full_commands_say_what_is_missing(tmp_path):
+    for args in (["recipe", "check", "x.yaml"], ["recipe", "schema"], ["finetune", "x.yaml", "-o", str(tmp_path / "a")],
+                 ["run", "x.yaml", "-o", str(tmp_path / "b")]):
+        r = run_blocked(*args)
+        assert r.returncode == 1, (args, r.stderr)
+        assert r.stderr.startswith("error: ") and "needs the full toolkit" in r.stderr and "Traceback" not in r.stderr
