@@ -12,6 +12,7 @@ import logging
 import platform
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -185,12 +186,20 @@ def quiet_libraries() -> Iterator[None]:
 
     level = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
+    onnx_log = logging.getLogger("torch.onnx")
+    onnx_level = onnx_log.level
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    onnx_log.setLevel(logging.ERROR)  # "torchvision is not installed" notices from the exporter's registry
     try:
-        yield
+        with warnings.catch_warnings():
+            # peft's note that it resolved our embedded: base name, transformers' deprecation notices.
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"peft\.")
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            yield
     finally:
         hf_logging.set_verbosity(level)
+        onnx_log.setLevel(onnx_level)
         if bars:
             hf_logging.enable_progress_bar()
 
