@@ -79,13 +79,17 @@ def cli() -> None:
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of the base; recorded.")
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path),
               help="Bundle folder to write (published atomically when every gate passes).")
-@click.option("--task", type=click.Choice(["text-classification", "token-classification", "feature-extraction"]),
+@click.option("--task", type=click.Choice(["text-classification", "token-classification", "feature-extraction",
+                                          "text-generation"]),
               default=None, help="Pipeline task. Default: from the adapter's task_type, else the base config.")
 @click.option("--labels", default=None,
               help="Comma-separated label names, in head order. Default: the adapter's export_adapter.json, "
                    "else the base's id2label.")
-@click.option("--quantize", "quantize", multiple=True, type=click.Choice(["int8", "fp16", "none"]),
-              help="Extra variant(s) beside the fp32 reference; repeatable. Default: int8.")
+@click.option("--quantize", "quantize", multiple=True, type=click.Choice(["int8", "int4", "fp16", "none"]),
+              help="Extra variant(s) beside the fp32 reference; repeatable. Default: int8. int4 (weight-only "
+                   "MatMulNBits) is for text-generation models.")
+@click.option("--int4-block-size", type=click.Choice(["16", "32", "64", "128"]), default="32", show_default=True,
+              help="Block size of int4 weight quantization.")
 @click.option("--opset", type=int, default=20, show_default=True, help="ONNX opset of the default domain.")
 @click.option("--max-length", type=int, default=128, show_default=True,
               help="Longest probe sequence (tokens); capped by the model's position limit.")
@@ -97,7 +101,7 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the Report (same object as parity.json) on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def export(adapter: Path, base: str | None, revision: str | None, out: Path, task: str | None, labels: str | None,
-           quantize: tuple[str, ...], opset: int, max_length: int, overwrite: bool, allow_pickle: bool,
+           quantize: tuple[str, ...], int4_block_size: str, opset: int, max_length: int, overwrite: bool, allow_pickle: bool,
            trust_remote_code: bool, as_json: bool, quiet: bool) -> None:
     """Merge a LoRA adapter into its base, export to ONNX, quantize, and prove parity with PyTorch.
 
@@ -112,7 +116,7 @@ def export(adapter: Path, base: str | None, revision: str | None, out: Path, tas
         adapter=adapter, out=out, base=base, revision=revision, task=task,
         labels=tuple(x.strip() for x in labels.split(",")) if labels else None,
         quantize=quantize or ("int8",), opset=opset, overwrite=overwrite, allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code, max_length=max_length,
+        trust_remote_code=trust_remote_code, max_length=max_length, int4_block_size=int(int4_block_size),
     )
     try:
         report = run_pipeline(spec, _progress(quiet))

@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,6 +252,10 @@ def finetune(recipe: Recipe, out: Path, *, work_dir: Path | None = None, resume:
     trainer = Trainer(model=peft_model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                       data_collator=collator, compute_metrics=_metrics_fn(recipe.task, data.labels),
                       callbacks=callbacks)
+    if quiet:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # with the bar disabled it would print every log dict
     checkpoint = _last_checkpoint(work_dir) if resume else None
     # The Trainer prints its log lines on stdout, which belongs to our results.
     with contextlib.redirect_stdout(sys.stderr):
@@ -295,7 +300,11 @@ def _publish_adapter(peft_model, recipe: Recipe, data: TaskData, metrics: dict, 
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
         try:
             peft_model.peft_config["default"].base_model_name_or_path = public_base_name(recipe.base)
-            peft_model.save_pretrained(str(staging), safe_serialization=True)
+            with warnings.catch_warnings():
+                # peft looks for a config at the (embedded:/local:) base name to detect vocabulary changes;
+                # save_embedding_layers is decided by modules_to_save instead.
+                warnings.filterwarnings("ignore", message="Could not find a config file")
+                peft_model.save_pretrained(str(staging), safe_serialization=True)
             sidecar = {"labels": data.labels, "task": recipe.task}
             (staging / ADAPTER_SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
             (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=str) + "\n")

@@ -202,11 +202,11 @@ def _hub_config(repo_id: str, revision: str | None) -> dict[str, Any]:
 
 
 def check_architecture(base: BaseRef, trust_remote_code: bool) -> None:
-    from .tasks import ARCHITECTURES, get_arch
+    from .tasks import ARCHITECTURES, DECODER_ARCHITECTURES, get_arch
 
     model_type = base.model_type
     needs_remote = "auto_map" in base.config
-    if model_type in ARCHITECTURES:
+    if model_type in ARCHITECTURES or model_type in DECODER_ARCHITECTURES:
         return
     if needs_remote and trust_remote_code:
         raise UnsupportedError(

@@ -145,21 +145,24 @@ def check_fit(model, adapter: AdapterRef, base: BaseRef, missing_in_base: list[s
                 f"adapter key {key}: base {base.name} has no module {mod_name}{recorded}; "
                 "use the base the adapter was trained on"
             )
-        if not isinstance(mod, torch.nn.Linear):
+        if isinstance(mod, torch.nn.Linear):
+            n_in, n_out = mod.in_features, mod.out_features
+        elif type(mod).__name__ == "Conv1D":  # GPT-2's transposed linear: weight is (in, out)
+            n_in, n_out = mod.weight.shape
+        else:
             raise MismatchError(f"adapter key {key}: module {mod_name} is {type(mod).__name__}, not Linear")
         if rest.startswith("A."):
-            expected: tuple[int, ...] = (adapter.rank_for(mod_name), mod.in_features)
-            bad = shape[1] != mod.in_features
+            expected: tuple[int, ...] = (adapter.rank_for(mod_name), n_in)
+            bad = shape[1] != n_in
         elif rest.startswith("B."):
-            expected = (mod.out_features, adapter.rank_for(mod_name))
-            bad = shape[0] != mod.out_features
+            expected = (n_out, adapter.rank_for(mod_name))
+            bad = shape[0] != n_out
         else:
             continue  # lora_magnitude_vector etc. are checked by peft
         if bad or len(shape) != 2:
             raise MismatchError(
                 f"adapter key {key} has shape {tuple(shape)} but base {base.name} module {mod_name} needs "
-                f"{tuple(expected)} (in={mod.in_features}, out={mod.out_features}){recorded}; "
-                "use the base the adapter was trained on"
+                f"{tuple(expected)} (in={n_in}, out={n_out}){recorded}; use the base the adapter was trained on"
             )
     full = full_tensor_names(adapter.shapes)
     for name, key in full.items():
@@ -207,7 +210,7 @@ def apply_adapter(model, adapter: AdapterRef, base: BaseRef, missing_in_base: li
     """
     import torch
     from peft import get_peft_model
-    from peft.utils import set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
     resize_embeddings(model, adapter)
     check_fit(model, adapter, base, missing_in_base)
@@ -217,11 +220,13 @@ def apply_adapter(model, adapter: AdapterRef, base: BaseRef, missing_in_base: li
         for name, key in full_tensor_names(tensors).items():
             params[name].copy_(tensors[key])
     config, warnings = _lora_config(adapter)
-    config.modules_to_save = None
     peft_model = get_peft_model(model, config)
     lora = {k: v for k, v in tensors.items() if ".lora_" in k}
-    # peft wraps a task's head itself (SEQ_CLS -> classifier) and expects its weights in the state dict again.
-    full = {PEFT_PREFIX + name: tensors[key] for name, key in full_tensor_names(tensors).items()}
+    # Modules peft wraps itself (modules_to_save, a task's head) expect their weights in the state dict
+    # again; the others were loaded into the base above.
+    expected = set(get_peft_model_state_dict(peft_model))
+    full = {PEFT_PREFIX + name: tensors[key] for name, key in full_tensor_names(tensors).items()
+            if PEFT_PREFIX + name in expected}
     result = set_peft_model_state_dict(peft_model, {**lora, **full})
     if result.unexpected_keys:
         raise MismatchError(f"{adapter.weights_file}: key {result.unexpected_keys[0]} matches no adapter module")

@@ -119,3 +119,41 @@ def adapter_effect(
         ]
         out[info.name] = float(max(diffs))
     return out
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    z = x - x.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def compare_decoder(
+    got_logits: list[np.ndarray], ref_logits: list[np.ndarray], masks: list[np.ndarray],
+    got_tokens: list[np.ndarray], ref_tokens: list[np.ndarray], thresholds: dict,
+) -> dict[str, Any]:
+    """A decoder variant vs PyTorch: prompt logits (padded positions excluded) and greedy continuations."""
+    info = OutputInfo("logits", True, True)
+    m = output_metrics(got_logits, ref_logits, masks, info, thresholds)
+    g = np.concatenate([_rows(x, k, True) for x, k in zip(got_logits, masks)])
+    r = np.concatenate([_rows(x, k, True) for x, k in zip(ref_logits, masks)])
+    if m["finite"]:
+        lp, lq = _log_softmax(r), _log_softmax(g)
+        m["mean_kl"] = float((np.exp(lp) * (lp - lq)).sum(axis=1).mean())
+    else:
+        m["mean_kl"] = float("inf")
+    prefix = []
+    for got, ref in zip(got_tokens, ref_tokens):
+        for a, b in zip(got, ref):
+            diff = np.nonzero(a != b)[0]
+            prefix.append((diff[0] if len(diff) else len(b)) / len(b))
+    m["greedy_exact"] = float(np.mean([p == 1.0 for p in prefix]))
+    m["prefix_match_mean"] = float(np.mean(prefix))
+    fails = [f for f in gate_failures("logits", m, thresholds) if "cosine" not in f]
+    if "greedy_exact" in thresholds and m["greedy_exact"] < thresholds["greedy_exact"]:
+        fails.append(f"greedy tokens: {m['greedy_exact']:.0%} of prompts match PyTorch exactly "
+                     f"< {thresholds['greedy_exact']:.0%}")
+    if "min_prefix_match" in thresholds and m["prefix_match_mean"] < thresholds["min_prefix_match"]:
+        fails.append(f"greedy tokens: mean matching prefix {m['prefix_match_mean']:.2f} < "
+                     f"{thresholds['min_prefix_match']}")
+    if "max_mean_kl" in thresholds and m["mean_kl"] > thresholds["max_mean_kl"]:
+        fails.append(f"logits: mean KL(torch || onnx) {m['mean_kl']:.4g} > {thresholds['max_mean_kl']}")
+    return {"passed": not fails, "thresholds": thresholds, "outputs": {"logits": m}, "failures": fails}

@@ -68,6 +68,7 @@ class ExportSpec:
     task_eval: TaskEvalSpec | None = field(default=None, repr=False)
     recipe_yaml: str | None = field(default=None, repr=False)
     include_adapter: bool = False
+    int4_block_size: int = 32
     training: dict[str, Any] | None = field(default=None, repr=False)  # from `run`: fine-tuning summary
 
     def recorded(self) -> dict[str, Any]:
@@ -156,10 +157,13 @@ def run_pipeline(spec: ExportSpec, progress: Progress | None = None) -> Report:
     check_architecture(base, spec.trust_remote_code)
     arch = get_arch(base.model_type)
     task = get_task(_choose_task(spec, adapter, base))
+    if "int4" in modes and task.name != "text-generation":
+        raise UserInputError("--quantize int4 is for text-generation models; use int8 or fp16 for encoders")
     with output_lock(out), quiet_libraries():
         staging = make_staging(out)
         try:
-            report = _build(spec, modes, stages, adapter, base, arch, task, staging)
+            build = _build_decoder if task.name == "text-generation" else _build
+            report = build(spec, modes, stages, adapter, base, arch, task, staging)
             if report["passed"]:
                 publish(staging, out, spec.overwrite)
             else:
@@ -238,6 +242,8 @@ def _choose_task(spec: ExportSpec, adapter, base) -> str:
         return from_adapter
     archs = base.config.get("architectures") or []
     for a in archs:
+        if a.endswith(("ForCausalLM", "LMHeadModel")):
+            return "text-generation"
         if a.endswith("ForSequenceClassification"):
             return "text-classification"
         if a.endswith("ForTokenClassification"):
@@ -414,6 +420,13 @@ def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Pat
     if eval_set is not None:
         task_metrics = stages.run("task_eval_onnx", "scoring ONNX variants on the eval rows", _score_variants,
                                   staging, artifacts, eval_set, torch_metrics, spec.task_eval, results)
+    return _finish(staging, spec, modes, manifest, results, warnings, stages, task, artifacts, task_metrics,
+                   adapter)
+
+
+def _finish(staging: Path, spec, modes, manifest: dict[str, Any], results: dict, warnings: list[str],
+            stages: _Stages, task, artifacts: dict, task_metrics: dict | None, adapter=None) -> dict[str, Any]:
+    """Verdicts into the manifest, the Report into parity.json/parity.md, hashes last."""
     passed = all(r["passed"] for r in results.values())
     for name, r in results.items():
         manifest["variants"][name]["passed"] = r["passed"]
@@ -487,3 +500,134 @@ def run_recipe(recipe, out: Path, *, overwrite: bool = False, quiet: bool = Fals
     finally:
         shutil.rmtree(adapter_dir, ignore_errors=True)
     return report
+
+
+def _build_decoder(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Path) -> dict[str, Any]:
+    """The decoder path: KV-cache export, prompt logits and greedy continuations as the reference."""
+    import numpy as np
+
+    from .decoder import conv1d_to_linear, decoder_io, export_decoder, make_decoder_wrapper, torch_step
+    from .generation import greedy
+    from .loading import license_files
+    from .merge import apply_adapter, load_base_model, merge
+    from .probes import GREEDY_TOKENS, PROBE_PROMPTS, encode, load_tokenizer, save_arrays
+    from .quantize import quantize
+    from .tolerances import decoder_thresholds_for
+    from .verify import evaluate_variants
+
+    warnings = list(adapter.warnings)
+    tok = stages.run("tokenizer", "saving tokenizer", _save_tokenizer, base, adapter, staging,
+                     spec.trust_remote_code)
+    positions = base.config.get("max_position_embeddings") or base.config.get("n_positions") or spec.max_length
+    max_length = min(spec.max_length, positions)
+    fast_tok = load_tokenizer(staging / "tokenizer.json", max_length, tok.pad_token_id, tok.pad_token, "left")
+    names = ("input_ids", "attention_mask")
+    singles = [encode(fast_tok, [p], names) for p in PROBE_PROMPTS]
+
+    def build_torch():
+        import torch
+
+        model, info = load_base_model(task, base, None, spec.trust_remote_code)
+        peft_model, w = apply_adapter(model, adapter, base, list(info.get("missing_keys", [])), spec.allow_pickle)
+        warnings.extend(w)
+        inner = peft_model.get_base_model()
+        with peft_model.disable_adapter(), torch.inference_mode():
+            base_logits = [inner(input_ids=torch.from_numpy(f["input_ids"]),
+                                 attention_mask=torch.from_numpy(f["attention_mask"])).logits.float().numpy()
+                           for f in singles]
+        merged = merge(peft_model, base.name)
+        conv1d_to_linear(merged)  # GPT-2: Gemm would escape int4; Linear exports as MatMul
+        return merged, base_logits
+
+    merged, base_logits = stages.run("merge", "loading base and merging adapter", build_torch)
+    dio = decoder_io(merged)
+    wrapper = make_decoder_wrapper(merged, dio)
+
+    def reference_runs(step):
+        # Keep the prompts whose greedy path is least tied (random test models have near-ties), then add
+        # one left-padded batch of them all.
+        alone = [greedy(step, dio, f["input_ids"], f["attention_mask"], GREEDY_TOKENS) for f in singles]
+        order = sorted(range(len(alone)), key=lambda i: -float(alone[i].margins.min()))[:4]
+        chosen = sorted(order)
+        batches = [(i,) for i in chosen] + [tuple(chosen)]
+        feeds = [encode(fast_tok, [PROBE_PROMPTS[i] for i in b], names) for b in batches]
+        runs = [greedy(step, dio, f["input_ids"], f["attention_mask"], GREEDY_TOKENS) for f in feeds]
+        return chosen, batches, feeds, runs
+
+    chosen, batches, feeds, runs = stages.run("reference", "computing PyTorch reference (greedy generation)",
+                                              reference_runs, torch_step(wrapper, dio))
+    merged_singles = [runs[k].prefill_logits for k in range(len(chosen))]
+    effect = {"logits": float(max(np.abs(m - base_logits[i]).max() for m, i in zip(merged_singles, chosen)))}
+    required = ADAPTER_EFFECT_FACTOR * FP32_ATOL
+    meaningful = effect["logits"] >= required
+    if not meaningful:
+        warnings.append(f"the adapter barely changes the model (max |merged - base| {effect['logits']:.2g} < "
+                        f"{required:g}); parity cannot show the adapter survived export")
+    min_margin = float(min(r.margins.min() for r in runs))
+    fp32 = stages.run("export", "exporting to ONNX with KV cache (fp32)", export_decoder, wrapper, dio,
+                      staging / "model.onnx", spec.opset)
+    merged.config.to_json_file(str(staging / "config.json"))
+    num_parameters = sum(p.numel() for p in merged.parameters())
+    eos = merged.config.eos_token_id
+    eos_ids = sorted({eos} if isinstance(eos, int) else set(eos or [])) or (
+        [tok.eos_token_id] if tok.eos_token_id is not None else [])
+    # Free the torch model before onnxruntime sessions and quantizers load: peak memory is the max, not the sum.
+    del merged, wrapper
+    gc.collect()
+    artifacts = {"fp32": fp32}
+    for mode in modes:
+        artifacts[mode] = stages.run(f"quantize_{mode}", f"quantizing ({mode})",
+                                     lambda m=mode: quantize(fp32, m, staging, block_size=spec.int4_block_size))
+
+    (staging / REFERENCE_DIR).mkdir()
+    write_json(staging / PROBES_JSON, {"texts": list(PROBE_PROMPTS), "batches": [list(b) for b in batches],
+                                       "max_length": max_length, "max_new_tokens": GREEDY_TOKENS,
+                                       "min_top2_margin": min_margin})
+    save_arrays(staging / INPUTS_NPZ, list(feeds))
+    save_arrays(staging / OUTPUTS_NPZ, [{"logits": r.prefill_logits.astype(np.float32), "tokens": r.tokens,
+                                         "margins": r.margins.astype(np.float32)} for r in runs])
+    for f in license_files(base):
+        (staging / "base_model").mkdir(exist_ok=True)
+        shutil.copyfile(f, staging / "base_model" / f.name)
+    chat_template = getattr(tok, "chat_template", None)
+    manifest: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "created_by": f"export-adapter {__version__}",
+        "family": "decoder",
+        "task": task.name,
+        "labels": None,
+        "base": {"name": base.name, "revision": base.revision, "model_type": base.model_type},
+        "adapter": adapter.summary(),
+        "num_parameters": num_parameters,
+        "opset": spec.opset,
+        "min_onnxruntime": MIN_ORT_FOR_OPSET[spec.opset],
+        "onnxruntime_fusions": False,
+        "decoder": dio.to_json(),
+        "inputs": [{"name": n, "dtype": "float32" if n.startswith("past") else "int64",
+                    "axes": (["batch", "num_kv_heads", "past_sequence", "head_dim"] if n.startswith("past") else
+                             ["batch", "total_sequence"] if n == "attention_mask" else ["batch", "sequence"])}
+                   for n in dio.input_names],
+        "outputs": [{"name": n, "dtype": "float32", "is_logits": n == "logits",
+                     "axes": ["batch", "sequence", "vocab"] if n == "logits" else
+                     ["batch", "num_kv_heads", "total_sequence", "head_dim"]} for n in dio.output_names],
+        "pooling": None,
+        "tokenizer": {"file": "tokenizer.json", "max_length": max_length, "pad_id": tok.pad_token_id,
+                      "pad_token": tok.pad_token, "padding_side": "left"},
+        "generation": {"eos_token_ids": eos_ids, "context_length": int(positions),
+                       "chat_template": chat_template if isinstance(chat_template, str) else None,
+                       "bos_token": tok.bos_token, "eos_token": tok.eos_token},
+        "reference": {"probes": PROBES_JSON, "inputs": INPUTS_NPZ, "outputs": OUTPUTS_NPZ},
+        "variants": {
+            name: {"file": a.path.name, "data_files": [d.name for d in a.data_files],
+                   "dtype": {"fp32": "float32", "fp16": "float16", "int8": "int8-dynamic-per-channel",
+                             "int4": f"int4-weight-only-block{spec.int4_block_size}"}[name],
+                   "thresholds": decoder_thresholds_for(name)}
+            for name, a in artifacts.items()
+        },
+        "adapter_effect": {"max_abs_diff": effect, "required_min": required, "meaningful": meaningful},
+        "spec": spec.recorded(),
+        "versions": _versions(),
+    }
+    results = stages.run("verify", "checking parity with onnxruntime (logits and greedy tokens)",
+                         lambda: evaluate_variants(staging, manifest, list(artifacts)))
+    return _finish(staging, spec, modes, manifest, results, warnings, stages, task, artifacts, None, adapter)

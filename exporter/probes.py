@@ -35,6 +35,20 @@ PROBE_TEXTS: tuple[str, ...] = (
 PROBE_BATCHES: tuple[tuple[int, ...], ...] = ((0,), (1,), (7,), (0, 1, 2, 3), (4, 5, 6, 7, 2, 3, 0, 1))
 DEFAULT_MAX_LENGTH = 128
 
+# Decoder probes: prompts of different lengths, run alone and as one left-padded batch. Export keeps the
+# ones whose greedy top-2 margins are clearest (random test models have near-ties) and stores the margins.
+PROBE_PROMPTS: tuple[str, ...] = (
+    "The capital of France is",
+    "Write a short note to the team about the release:",
+    "Q: What is 12 times 7?\nA:",
+    "Once upon a time",
+    "Translate to French: good morning",
+    "The three most important things about edge deployment are",
+    "def fibonacci(n):",
+    "Summarise: the battery lasted two days and the screen was bright.",
+)
+GREEDY_TOKENS = 8
+
 
 @dataclass(frozen=True)
 class ProbeSet:
@@ -49,15 +63,16 @@ class ProbeSet:
         return {"texts": list(self.texts), "batches": [list(b) for b in self.batches], "max_length": self.max_length}
 
 
-def load_tokenizer(path: Path, max_length: int, pad_id: int, pad_token: str):
+def load_tokenizer(path: Path, max_length: int, pad_id: int, pad_token: str, padding_side: str = "right"):
+    """The bundle's tokenizer.json with our truncation and padding (left for decoders, as generate() pads)."""
     from tokenizers import Tokenizer
 
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
         raise BundleError(f"{path}: cannot load tokenizer ({str(e)[:100]}); re-export the bundle") from None
-    tok.enable_truncation(max_length=max_length)
-    tok.enable_padding(pad_id=pad_id, pad_token=pad_token)
+    tok.enable_truncation(max_length=max_length, direction="left" if padding_side == "left" else "right")
+    tok.enable_padding(pad_id=pad_id, pad_token=pad_token, direction=padding_side)
     return tok
 
 

@@ -10,11 +10,13 @@ from .export import OnnxArtifact
 
 log = logging.getLogger(__name__)
 
-QUANTIZE_MODES = ("int8", "fp16")
-VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
+QUANTIZE_MODES = ("int8", "fp16", "int4")
+VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx", "int4": "model.int4.onnx"}
+DEFAULT_INT4_BLOCK = 32
 
 
-def quantize(fp32: OnnxArtifact, mode: str, out_dir: Path) -> OnnxArtifact:
+def quantize(fp32: OnnxArtifact, mode: str, out_dir: Path, *, block_size: int = DEFAULT_INT4_BLOCK,
+             int4_embedding: bool = False) -> OnnxArtifact:
     if mode not in QUANTIZE_MODES:
         raise UnsupportedError(f"quantize mode {mode!r} is not supported; use one of: {', '.join(QUANTIZE_MODES)}, none")
     path = out_dir / VARIANT_FILES[mode]
@@ -22,6 +24,8 @@ def quantize(fp32: OnnxArtifact, mode: str, out_dir: Path) -> OnnxArtifact:
     try:
         if mode == "int8":
             _int8(fp32.path, path, external)
+        elif mode == "int4":
+            _int4(fp32.path, path, external, block_size, int4_embedding)
         else:
             _fp16(fp32.path, path, external)
     except (ExporterError, OSError, KeyboardInterrupt):
@@ -56,6 +60,22 @@ class _DropMessage(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return self.needle not in record.getMessage()
+
+
+def _int4(src: Path, dst: Path, external: bool, block_size: int, embedding: bool) -> None:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    # Weight-only 4-bit (MatMulNBits, contrib op of onnxruntime): activations stay float, so accuracy holds
+    # while weights shrink ~7x. Gather (the embedding) only on request: it is read once per token.
+    ops = ("MatMul", "Gather") if embedding else ("MatMul",)
+    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=True,
+                             op_types_to_quantize=ops)
+    q.process()
+    matmuls = [n for n in q.model.model.graph.node if n.op_type == "MatMulNBits"]
+    if not matmuls:
+        raise ExporterError(f"int4: no MatMul weight could be quantized in {src.name} (block size {block_size})")
+    q.model.save_model_to_file(str(dst), external)
 
 
 def _fp16(src: Path, dst: Path, external: bool) -> None:

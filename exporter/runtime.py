@@ -42,7 +42,14 @@ def output_infos(manifest: dict[str, Any]) -> list[OutputInfo]:
 
 def bundle_tokenizer(root: Path, manifest: dict[str, Any]):
     t = manifest["tokenizer"]
-    return load_tokenizer(root / t["file"], t["max_length"], t["pad_id"], t["pad_token"])
+    return load_tokenizer(root / t["file"], t["max_length"], t["pad_id"], t["pad_token"],
+                          t.get("padding_side", "right"))
+
+
+def text_input_names(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The inputs a tokenizer produces (a decoder's other inputs are positions and the KV cache)."""
+    names = [i["name"] for i in manifest["inputs"]]
+    return tuple(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in names)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -18,6 +18,9 @@ _THRESHOLDS = {
         "argmax_agreement": {"type": "number"},
         "clear_margin_rel": {"type": "number", "description": "argmax is gated on rows whose top-2 margin >= "
                              "this x rms of the reference logits"},
+        "greedy_exact": {"type": "number", "description": "decoders: share of prompts whose greedy tokens match"},
+        "max_mean_kl": {"type": "number", "description": "decoders: mean KL(torch || onnx) over prompt positions"},
+        "min_prefix_match": {"type": "number", "description": "decoders: mean matching share of greedy tokens"},
     },
     "additionalProperties": False,
 }
@@ -38,6 +41,9 @@ _OUTPUT_METRICS = {
         "clear_margin_abs": {"type": "number", "description": "clear_margin_rel x rms of the reference logits"},
         "n_clear": {"type": "integer", "description": "rows whose top-2 margin is >= clear_margin_abs"},
         "argmax_agreement_clear": {"type": "number"},
+        "mean_kl": {"type": "number"},
+        "greedy_exact": {"type": "number"},
+        "prefix_match_mean": {"type": "number"},
     },
 }
 
@@ -101,8 +107,8 @@ _TASK_METRICS = {
     },
 }
 
-TASK_NAMES = ["text-classification", "token-classification", "feature-extraction"]
-VARIANT_NAMES = ["fp32", "int8", "fp16"]
+TASK_NAMES = ["text-classification", "token-classification", "feature-extraction", "text-generation"]
+VARIANT_NAMES = ["fp32", "int8", "fp16", "int4"]
 
 MANIFEST_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",

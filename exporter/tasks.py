@@ -94,11 +94,39 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     ),
 }
 
+# Decoder-only causal LMs: exported with a KV cache (exporter/decoder.py). Outputs are declared per model
+# (present.{i}.key/value depend on the layer count), so only logits is listed here.
+TEXT_GENERATION = TaskSpec(
+    name="text-generation",
+    model_class="AutoModelForCausalLM",
+    peft_task_types=("CAUSAL_LM",),
+    outputs=(OutputSpec("logits", ("batch", "sequence", "vocab"), True),),
+    has_labels=False,
+)
+TASKS["text-generation"] = TEXT_GENERATION
+
+
+@dataclass(frozen=True)
+class DecoderArchSpec:
+    model_type: str
+    default_lora_targets: tuple[str, ...]
+
+
+DECODER_ARCHITECTURES: dict[str, DecoderArchSpec] = {
+    "llama": DecoderArchSpec("llama", ("q_proj", "v_proj")),
+    "mistral": DecoderArchSpec("mistral", ("q_proj", "v_proj")),
+    "qwen2": DecoderArchSpec("qwen2", ("q_proj", "v_proj")),
+    "qwen3": DecoderArchSpec("qwen3", ("q_proj", "v_proj")),
+    "phi3": DecoderArchSpec("phi3", ("qkv_proj",)),  # fused q/k/v projection
+    "gemma": DecoderArchSpec("gemma", ("q_proj", "v_proj")),
+    "gpt2": DecoderArchSpec("gpt2", ("c_attn",)),  # Conv1D; peft sets fan_in_fan_out
+}
+
 # peft task_type -> task name, for adapters that record one.
 PEFT_TASK_TYPES = {t: spec.name for spec in TASKS.values() for t in spec.peft_task_types}
 
 # Decoder tasks arrive with decoder export; name them so the error says "not yet" rather than "unknown".
-_LATER_TASK_TYPES = {"CAUSAL_LM": "text-generation", "SEQ_2_SEQ_LM": "text2text-generation"}
+_LATER_TASK_TYPES = {"SEQ_2_SEQ_LM": "text2text-generation"}
 
 
 def get_task(name: str) -> TaskSpec:
@@ -110,13 +138,14 @@ def get_task(name: str) -> TaskSpec:
         ) from None
 
 
-def get_arch(model_type: str, *, needs_remote_code: bool = False) -> ArchSpec:
+def get_arch(model_type: str, *, needs_remote_code: bool = False) -> ArchSpec | DecoderArchSpec:
     if model_type in ARCHITECTURES:
         return ARCHITECTURES[model_type]
+    if model_type in DECODER_ARCHITECTURES:
+        return DECODER_ARCHITECTURES[model_type]
     hint = " (it needs remote code, which is never run)" if needs_remote_code else ""
-    raise UnsupportedError(
-        f"architecture {model_type!r} is not supported{hint}; supported: {', '.join(sorted(ARCHITECTURES))}"
-    )
+    supported = sorted(ARCHITECTURES) + sorted(DECODER_ARCHITECTURES)
+    raise UnsupportedError(f"architecture {model_type!r} is not supported{hint}; supported: {', '.join(supported)}")
 
 
 def task_from_peft(task_type: str | None) -> str | None:

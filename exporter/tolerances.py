@@ -38,6 +38,30 @@ INT8_CLEAR_MARGIN_REL = 0.2
 ADAPTER_EFFECT_FACTOR = 10.0
 
 
+# Decoders (text-generation). fp32: the prompt logits under the fp32 gate above, and greedy continuations of
+# GREEDY_TOKENS tokens identical to PyTorch for every probe prompt (measured max abs diff <= 3e-7 on seven
+# tiny architectures, far below their smallest chosen top-2 margin).
+DECODER_GREEDY_EXACT = 1.0
+# Quantized decoders: top-1 agreement on prompt positions with a clear margin, mean KL(torch || onnx) over
+# prompt positions, and the mean share of each greedy continuation that matches PyTorch before diverging.
+# Measured on tiny random decoders (the only decoders available offline), see the parity tests.
+DECODER_GATES = {
+    "fp16": {"clear_margin_rel": 0.01, "argmax_agreement": 1.0, "max_mean_kl": 1e-3, "min_prefix_match": 0.75},
+    "int8": {"clear_margin_rel": 0.2, "argmax_agreement": 0.98, "max_mean_kl": 0.02, "min_prefix_match": 0.5},
+    # int4 weight-only (MatMulNBits, block 32): measured max abs logit error up to ~1x the logits rms on tiny
+    # random decoders (no structure for 4 bits to keep), so only margins >= 1x rms count as clear there.
+    "int4": {"clear_margin_rel": 1.0, "argmax_agreement": 0.95, "max_mean_kl": 0.05, "min_prefix_match": 0.25},
+}
+
+
+def decoder_thresholds_for(variant: str) -> dict[str, float]:
+    if variant == "fp32":
+        return {"atol": FP32_ATOL, "rtol": FP32_RTOL, "greedy_exact": DECODER_GREEDY_EXACT}
+    if variant in DECODER_GATES:
+        return dict(DECODER_GATES[variant])
+    raise KeyError(f"no decoder thresholds for variant {variant!r}")
+
+
 def thresholds_for(variant: str) -> dict[str, float]:
     """The gate for one variant, as stored in the manifest and re-applied by ``verify``."""
     if variant == "fp32":

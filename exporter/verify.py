@@ -17,7 +17,7 @@ from .bundle import INPUTS_NPZ, OUTPUTS_NPZ, PROBES_JSON, check_integrity, read_
 from .errors import BundleError, ExporterError
 from .parity import compare_variant
 from .probes import encode, load_arrays
-from .runtime import bundle_tokenizer, make_session, output_infos
+from .runtime import bundle_tokenizer, make_session, output_infos, text_input_names
 
 
 def load_reference(root: Path) -> tuple[dict, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
@@ -33,6 +33,8 @@ def evaluate_variants(
     root: Path, manifest: dict[str, Any], names: list[str], providers: list[str] | None = None,
     threads: int | None = None,
 ) -> dict[str, dict[str, Any]]:
+    if manifest.get("family") == "decoder":
+        return evaluate_decoder_variants(root, manifest, names, providers, threads)
     _, inputs, reference = load_reference(root)
     infos = output_infos(manifest)
     masks = [b["attention_mask"] for b in inputs]
@@ -52,11 +54,43 @@ def evaluate_variants(
     return results
 
 
+def evaluate_decoder_variants(
+    root: Path, manifest: dict[str, Any], names: list[str], providers: list[str] | None = None,
+    threads: int | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Each decoder variant re-generates the stored prompts greedily; logits and tokens are compared."""
+    from .generation import DecoderIO, greedy
+    from .parity import compare_decoder
+
+    probes, inputs, reference = load_reference(root)
+    dio = DecoderIO.from_json(manifest["decoder"])
+    n_new = int(probes["max_new_tokens"])
+    results = {}
+    for name in names:
+        entry = manifest["variants"][name]
+        try:
+            session = make_session(root / entry["file"], providers, threads)
+        except ExporterError as e:
+            results[name] = {"file": entry["file"], "passed": False, "thresholds": entry["thresholds"],
+                             "outputs": {}, "failures": [str(e)]}
+            continue
+
+        def step(feeds, s=session):
+            return dict(zip(dio.output_names, s.run(list(dio.output_names), {n: feeds[n] for n in dio.input_names})))
+
+        runs = [greedy(step, dio, b["input_ids"], b["attention_mask"], n_new) for b in inputs]
+        result = compare_decoder([r.prefill_logits for r in runs], [r["logits"] for r in reference],
+                                 [b["attention_mask"] for b in inputs], [r.tokens for r in runs],
+                                 [r["tokens"] for r in reference], entry["thresholds"])
+        results[name] = {"file": entry["file"], **result}
+    return results
+
+
 def check_tokenizer(root: Path, manifest: dict[str, Any]) -> list[str]:
     """Re-tokenize the stored probe texts; the ids must equal the stored ones, or inference would drift."""
     probes, inputs, _ = load_reference(root)
     tok = bundle_tokenizer(root, manifest)
-    names = tuple(i["name"] for i in manifest["inputs"])
+    names = text_input_names(manifest)
     for i, batch in enumerate(probes["batches"]):
         feeds = encode(tok, [probes["texts"][j] for j in batch], names)
         for name in names:

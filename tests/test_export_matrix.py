@@ -133,3 +133,34 @@ def test_adapter_that_grew_the_vocabulary_is_carried_over(factory, tmp_path):
         ref = merged(**enc).logits.numpy()
     got = bundle.run({k: v.numpy() for k, v in enc.items()})["logits"]
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-3)
+
+
+def test_adapter_with_extra_modules_to_save_and_overlapping_target(factory, tmp_path):
+    """modules_to_save=[classifier, pooler] while 'dense' is a LoRA target: peft keeps pooler.dense whole."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from exporter.pipeline import ExportSpec, run_pipeline
+
+    base = factory.base("bert")
+    torch.manual_seed(4)
+    pm = get_peft_model(AutoModelForSequenceClassification.from_pretrained(base, num_labels=2),
+                        LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "dense"],
+                                   modules_to_save=["classifier", "pooler"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if ".modules_to_save." in name:
+                p.mul_(5.0)  # "trained": the head and pooler differ from the base
+    adapter = tmp_path / "pooler"
+    pm.save_pretrained(adapter)
+    report = run_pipeline(ExportSpec(adapter=adapter, out=tmp_path / "b", base=str(base), labels=("a", "b")))
+    assert report.passed, report.data["variants"]
+    merged = pm.merge_and_unload().eval()
+    from exporter.runtime import BundleModel
+
+    bundle = BundleModel(tmp_path / "b", "fp32")
+    feeds = bundle.encode(["great", "the battery died"])
+    with torch.no_grad():
+        ref = merged(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
+    np.testing.assert_allclose(bundle.run(feeds)["logits"], ref, atol=1e-4, rtol=1e-3)
