@@ -65,7 +65,7 @@ def cli() -> None:
 
     \b
     Full toolkit (torch):      run, finetune, export, recipe
-    Device profile (no torch): verify, infer, inspect
+    Device profile (no torch): verify, infer, generate, inspect
     Exit codes: 0 ok, 1 error, 2 usage, 3 parity/verification failed, 130/143 interrupted.
     """
 
@@ -351,6 +351,32 @@ def infer(bundle: Path, texts: tuple[str, ...], input_file: Path | None, variant
             e = r["embedding"]
             head = ", ".join(f"{x:.4f}" for x in e[:4])
             click.echo(f"[{head}, ...] (dim {len(e)})\t{r['text']}")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--variant", default=None, help="Variant to run (fp32, int8, int4, fp16). Default: the bundle's default.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="0 is greedy; above 0 samples.")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True,
+              help="Nucleus sampling mass (with --temperature > 0).")
+@click.option("--seed", type=int, default=None, help="Seed for sampling.")
+@click.option("--stop", "stop", multiple=True, help="Stop string; repeatable.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template (needs jinja2).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
+def generate(bundle: Path, prompt: str, max_new_tokens: int, variant: str | None, temperature: float, top_p: float,
+             seed: int | None, stop: tuple[str, ...], chat: bool, threads: int | None) -> None:
+    """Generate text with a decoder bundle, without torch, streaming tokens to stdout (KV cache)."""
+    from .runtime import BundleGenerator
+
+    gen = BundleGenerator(bundle, variant, threads=threads)
+    for piece in gen.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            seed=seed, stop=list(stop), chat=chat):
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+    click.echo()
 
 
 @cli.command()

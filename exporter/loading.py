@@ -30,6 +30,7 @@ ADAPTER_PICKLE = "adapter_model.bin"
 # Written beside the adapter by our fine-tuning and sample scripts: label names and the task.
 ADAPTER_SIDECAR = "export_adapter.json"
 SUPPORTED_PEFT_TYPES = ("LORA",)
+UNMERGEABLE_PEFT_TYPES = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT")
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,11 @@ def inspect_adapter(path: Path, allow_pickle: bool = False) -> AdapterRef:
     peft_type = cfg.get("peft_type")
     if peft_type is None:
         raise UserInputError(f"{path / ADAPTER_CONFIG}: missing 'peft_type'; is this a peft adapter folder?")
+    if peft_type in UNMERGEABLE_PEFT_TYPES:
+        raise UnsupportedError(
+            f"{path / ADAPTER_CONFIG}: {peft_type} adds virtual tokens instead of changing weights, so it cannot be "
+            "merged into an ONNX model; train a LoRA adapter instead (export-adapter finetune)"
+        )
     if peft_type not in SUPPORTED_PEFT_TYPES:
         raise UnsupportedError(
             f"{path / ADAPTER_CONFIG}: peft_type {peft_type} is not supported yet; supported: "

@@ -113,3 +113,75 @@ class BundleModel:
             return results
         emb = out["sentence_embedding"]
         return [{"text": t, "embedding": [float(x) for x in e]} for t, e in zip(texts, emb)]
+
+
+class BundleGenerator:
+    """Text generation with a decoder bundle, without torch: ``BundleGenerator(path).stream("Hello")``.
+
+    Keeps the KV cache between steps (onnxruntime outputs present.* feed the next step's past_key_values).
+    """
+
+    def __init__(self, root: Path | str, variant: str | None = None, providers: list[str] | None = None,
+                 threads: int | None = None) -> None:
+        from .generation import DecoderIO
+
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        if self.manifest.get("family") != "decoder":
+            raise UserInputError(f"{self.root}: a {self.manifest['task']} bundle cannot generate text; use infer")
+        variants = self.manifest["variants"]
+        self.variant = variant or self.manifest.get("default_variant", "fp32")
+        if self.variant not in variants:
+            raise UserInputError(f"{self.root}: no variant {self.variant!r}; this bundle has {', '.join(variants)}")
+        self.io = DecoderIO.from_json(self.manifest["decoder"])
+        self.gen = self.manifest["generation"]
+        self.tokenizer = bundle_tokenizer(self.root, self.manifest)
+        self.tokenizer.no_padding()
+        self.session = make_session(self.root / variants[self.variant]["file"], providers, threads)
+
+    def step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = list(self.io.output_names)
+        return dict(zip(names, self.session.run(names, {n: feeds[n] for n in self.io.input_names})))
+
+    def apply_chat_template(self, prompt: str) -> str:
+        template = self.gen.get("chat_template")
+        if not template:
+            raise UserInputError(f"{self.root}: the tokenizer has no chat template; drop --chat")
+        try:
+            import jinja2
+        except ImportError:
+            raise UserInputError("--chat renders the tokenizer's Jinja chat template: pip install jinja2") from None
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        return env.from_string(template).render(
+            messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
+            bos_token=self.gen.get("bos_token") or "", eos_token=self.gen.get("eos_token") or "",
+        )
+
+    def stream(self, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int | None = None, stop: list[str] | None = None, chat: bool = False):
+        """Yield text pieces as they are generated; stops at EOS, a stop string or the context limit."""
+        from .generation import stream as stream_ids
+
+        text_in = self.apply_chat_template(prompt) if chat else prompt
+        ids = self.tokenizer.encode(text_in, add_special_tokens=not chat).ids
+        if not ids:
+            raise UserInputError("the prompt is empty after tokenization")
+        generated: list[int] = []
+        shown = ""
+        for tok in stream_ids(self.step, self.io, ids, max_new_tokens=max_new_tokens,
+                              eos_ids=set(self.gen.get("eos_token_ids") or []),
+                              max_length=int(self.gen.get("context_length", 2048)), temperature=temperature,
+                              top_p=top_p, seed=seed):
+            generated.append(tok)
+            text = self.tokenizer.decode(generated)
+            hit = [text.index(s) for s in stop or [] if s in text]
+            if hit:
+                yield text[len(shown):min(hit)]
+                return
+            # Hold back a trailing replacement character: a multi-byte character may be half decoded.
+            if not text.endswith("\ufffd"):
+                yield text[len(shown):]
+                shown = text
+
+    def generate(self, prompt: str, **kwargs: Any) -> str:
+        return "".join(self.stream(prompt, **kwargs))

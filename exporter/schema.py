@@ -139,6 +139,12 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                            "axes": {"type": "array", "items": {"type": "string"}},
                            "is_logits": {"type": "boolean"}}}},
         "pooling": {"type": ["object", "null"]},
+        "family": {"enum": ["decoder"], "description": "present for decoder (text-generation) bundles"},
+        "decoder": {"type": "object", "required": ["num_layers", "num_kv_heads", "head_dim", "uses_position_ids"],
+                    "description": "KV-cache layout: past_key_values.{i}.key/value are (batch, num_kv_heads, "
+                                   "past_sequence, head_dim)"},
+        "generation": {"type": "object", "required": ["eos_token_ids", "context_length"],
+                       "description": "what generate needs: EOS ids, context length, the chat template"},
         "tokenizer": {"type": "object", "required": ["file", "max_length", "pad_id", "pad_token"]},
         "reference": {"type": "object", "required": ["probes", "inputs", "outputs"]},
         "variants": {

@@ -34,6 +34,31 @@ def factory(tmp_path_factory):
                 cache[key] = make_adapter(self.base(arch), arch, task, root / f"adapter-{arch}-{task}")
             return cache[key]
 
+        def decoder_base(self, arch: str) -> Path:
+            from helpers import make_decoder_base
+
+            key = ("decoder_base", arch)
+            if key not in cache:
+                cache[key] = make_decoder_base(arch, root / f"dbase-{arch}")
+            return cache[key]
+
+        def decoder_adapter(self, arch: str) -> Path:
+            from helpers import make_decoder_adapter
+
+            key = ("decoder_adapter", arch)
+            if key not in cache:
+                cache[key] = make_decoder_adapter(self.decoder_base(arch), arch, root / f"dadapter-{arch}")
+            return cache[key]
+
+        def decoder_bundle(self, arch: str, quantize=("int8", "int4", "fp16")):
+            key = ("decoder_bundle", arch, tuple(quantize))
+            if key not in cache:
+                out = root / f"dbundle-{arch}-{'-'.join(quantize)}"
+                report = run_pipeline(ExportSpec(adapter=self.decoder_adapter(arch), out=out,
+                                                 quantize=tuple(quantize)))
+                cache[key] = (out, report)
+            return cache[key]
+
         def bundle(self, arch: str, task: str, quantize=("int8", "fp16")):
             key = ("bundle", arch, task, tuple(quantize))
             if key not in cache:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
     AutoModel,
     AutoModelForSequenceClassification,
@@ -44,13 +44,15 @@ def build_vocab() -> list[str]:
     return SPECIALS + chars + ["##" + c for c in string.ascii_lowercase + string.digits] + sorted(words - set(chars))
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
+def tiny_tokenizer(decoder: bool = False) -> PreTrainedTokenizerFast:
+    """WordPiece over the probe texts; for decoders only a BOS ([CLS]) is added, as Llama's tokenizer does."""
     vocab = {t: i for i, t in enumerate(build_vocab())}
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        single="[CLS] $A" if decoder else "[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
     return PreTrainedTokenizerFast(
@@ -122,7 +124,7 @@ def make_causal_base(out: Path, seed: int = 0) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    tok = tiny_tokenizer()
+    tok = tiny_tokenizer(decoder=True)
     tok.eos_token = "[SEP]"
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -156,3 +158,58 @@ def write_recipe(d: Path, base: Path | str, task: str, n_train: int = 48, n_eval
     path = d / "recipe.yaml"
     path.write_text(_json.dumps(recipe))  # JSON is valid YAML
     return path
+
+
+TINY_DECODERS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gpt2")
+
+
+def tiny_decoder_config(arch: str, vocab_size: int, eos: int, bos: int):
+    from transformers import (
+        GemmaConfig,
+        GPT2Config,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
+
+    ids = dict(vocab_size=vocab_size, eos_token_id=eos, bos_token_id=bos, pad_token_id=0)
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, **ids)
+    return {
+        "llama": lambda: LlamaConfig(**common),
+        "mistral": lambda: MistralConfig(**common),
+        "qwen2": lambda: Qwen2Config(**common),
+        "qwen3": lambda: Qwen3Config(head_dim=16, **common),
+        "phi3": lambda: Phi3Config(**common),
+        "gemma": lambda: GemmaConfig(head_dim=16, **common),
+        "gpt2": lambda: GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **ids),
+    }[arch]()
+
+
+def make_decoder_base(arch: str, out: Path, seed: int = 0) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer(decoder=True)
+    tok.eos_token = "[SEP]"
+    tok.bos_token = "[CLS]"
+    cfg = tiny_decoder_config(arch, len(tok), tok.eos_token_id, tok.bos_token_id)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def make_decoder_adapter(base: Path, arch: str, out: Path, r: int = 4, seed: int = 1) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    from exporter.tasks import DECODER_ARCHITECTURES
+
+    torch.manual_seed(seed)
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                        LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=2 * r, init_lora_weights=False,
+                                   target_modules=list(DECODER_ARCHITECTURES[arch].default_lora_targets)))
+    pm.peft_config["default"].base_model_name_or_path = str(base)
+    pm.save_pretrained(out)
+    return out
