@@ -94,6 +94,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     ),
 }
 
+ENCODER_TASKS = tuple(TASKS)  # the tasks of the encoder architectures below
+
 # Decoder-only causal LMs: exported with a KV cache (exporter/decoder.py). Outputs are declared per model
 # (present.{i}.key/value depend on the layer count), so only logits is listed here.
 TEXT_GENERATION = TaskSpec(
