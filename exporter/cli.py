@@ -90,6 +90,7 @@ def cli() -> None:
                    "MatMulNBits) is for text-generation models.")
 @click.option("--int4-block-size", type=click.Choice(["16", "32", "64", "128"]), default="32", show_default=True,
               help="Block size of int4 weight quantization.")
+@click.option("--int4-embedding", is_flag=True, help="Quantize the token embedding (Gather) to int4 as well.")
 @click.option("--opset", type=int, default=20, show_default=True, help="ONNX opset of the default domain.")
 @click.option("--max-length", type=int, default=128, show_default=True,
               help="Longest probe sequence (tokens); capped by the model's position limit.")
@@ -101,7 +102,7 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the Report (same object as parity.json) on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def export(adapter: Path, base: str | None, revision: str | None, out: Path, task: str | None, labels: str | None,
-           quantize: tuple[str, ...], int4_block_size: str, opset: int, max_length: int, overwrite: bool, allow_pickle: bool,
+           quantize: tuple[str, ...], int4_block_size: str, int4_embedding: bool, opset: int, max_length: int, overwrite: bool, allow_pickle: bool,
            trust_remote_code: bool, as_json: bool, quiet: bool) -> None:
     """Merge a LoRA adapter into its base, export to ONNX, quantize, and prove parity with PyTorch.
 
@@ -117,6 +118,7 @@ def export(adapter: Path, base: str | None, revision: str | None, out: Path, tas
         labels=tuple(x.strip() for x in labels.split(",")) if labels else None,
         quantize=quantize or ("int8",), opset=opset, overwrite=overwrite, allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code, max_length=max_length, int4_block_size=int(int4_block_size),
+        int4_embedding=int4_embedding,
     )
     try:
         report = run_pipeline(spec, _progress(quiet))

@@ -69,6 +69,7 @@ class ExportSpec:
     recipe_yaml: str | None = field(default=None, repr=False)
     include_adapter: bool = False
     int4_block_size: int = 32
+    int4_embedding: bool = False
     training: dict[str, Any] | None = field(default=None, repr=False)  # from `run`: fine-tuning summary
 
     def recorded(self) -> dict[str, Any]:
@@ -577,7 +578,8 @@ def _build_decoder(spec, modes, stages: _Stages, adapter, base, arch, task, stag
     artifacts = {"fp32": fp32}
     for mode in modes:
         artifacts[mode] = stages.run(f"quantize_{mode}", f"quantizing ({mode})",
-                                     lambda m=mode: quantize(fp32, m, staging, block_size=spec.int4_block_size))
+                                     lambda m=mode: quantize(fp32, m, staging, block_size=spec.int4_block_size,
+                                                             int4_embedding=spec.int4_embedding))
 
     (staging / REFERENCE_DIR).mkdir()
     write_json(staging / PROBES_JSON, {"texts": list(PROBE_PROMPTS), "batches": [list(b) for b in batches],
@@ -620,7 +622,8 @@ def _build_decoder(spec, modes, stages: _Stages, adapter, base, arch, task, stag
         "variants": {
             name: {"file": a.path.name, "data_files": [d.name for d in a.data_files],
                    "dtype": {"fp32": "float32", "fp16": "float16", "int8": "int8-dynamic-per-channel",
-                             "int4": f"int4-weight-only-block{spec.int4_block_size}"}[name],
+                             "int4": f"int4-weight-only-block{spec.int4_block_size}"
+                                     + ("-embedding" if spec.int4_embedding else "")}[name],
                    "thresholds": decoder_thresholds_for(name)}
             for name, a in artifacts.items()
         },

@@ -113,3 +113,33 @@ def test_prompt_and_prefix_tuning_are_refused(factory, tmp_path):
     (adapter / "adapter_config.json").write_text(json.dumps(cfg))
     r = CliRunner().invoke(cli, ["export", "--adapter", str(adapter), "-o", str(tmp_path / "o")])
     assert r.exit_code == 1 and "cannot be merged" in r.stderr and "LoRA" in r.stderr
+
+
+@pytest.mark.parametrize("flavour", ["rslora", "dora"])
+def test_rslora_and_dora_adapters_merge_and_export(factory, tmp_path, flavour):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from exporter.pipeline import ExportSpec, run_pipeline
+
+    base = factory.decoder_base("llama")
+    torch.manual_seed(5)
+    cfg = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                     init_lora_weights=False, use_rslora=flavour == "rslora", use_dora=flavour == "dora")
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(base), cfg)
+    adapter = tmp_path / flavour
+    pm.save_pretrained(adapter)
+    report = run_pipeline(ExportSpec(adapter=adapter, out=tmp_path / "b", base=str(base), quantize=("none",)))
+    assert report.passed and report.data["adapter"][f"use_{flavour}"] is True
+    assert report.data["variants"]["fp32"]["outputs"]["logits"]["greedy_exact"] == 1.0
+    assert report.data["adapter_effect"]["meaningful"]
+
+
+def test_int4_embedding_option_quantizes_the_gather(factory, tmp_path):
+    r = CliRunner().invoke(cli, ["export", "--adapter", str(factory.decoder_adapter("gpt2")), "-o", str(tmp_path / "b"),
+                                 "--quantize", "int4", "--int4-embedding", "--int4-block-size", "16", "-q", "--json"])
+    assert r.exit_code in (0, 3), r.output
+    q = onnx.load(str((tmp_path / ("b" if r.exit_code == 0 else "b.rejected")) / "model.int4.onnx"))
+    assert any(n.op_type == "GatherBlockQuantized" for n in q.graph.node)
+    assert json.loads(r.stdout)["variants"]["int4"]["file"] == "model.int4.onnx"
