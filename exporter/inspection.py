@@ -6,13 +6,22 @@ Torch-free, so it runs with the device profile too.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 from typing import Any
 
 from .bundle import MANIFEST, read_manifest
 from .errors import UserInputError
-from .loading import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_SAFETENSORS, ADAPTER_SIDECAR, read_json
+from .loading import (
+    ADAPTER_CONFIG,
+    ADAPTER_PICKLE,
+    ADAPTER_SAFETENSORS,
+    ADAPTER_SIDECAR,
+    ALL_MARKERS,
+    is_adapter_key,
+    read_json,
+)
 
 
 def safetensors_header(path: Path) -> dict[str, Any]:
@@ -59,7 +68,8 @@ def inspect_path(path: Path) -> dict[str, Any]:
         if st.exists():
             header = safetensors_header(st)
             weights = f"{ADAPTER_SAFETENSORS} ({len(header)} tensors)"
-            modules = sorted({k.split(".lora_")[0].removeprefix("base_model.model.") for k in header if ".lora_" in k})
+            modules = sorted({re.split("|".join(re.escape(m) for m in ALL_MARKERS), k)[0].removeprefix("base_model.model.")
+                              for k in header if is_adapter_key(k)})
         else:
             weights = f"{ADAPTER_PICKLE} (pickle: refused by export unless --allow-pickle)" \
                 if (path / ADAPTER_PICKLE).exists() else "missing"

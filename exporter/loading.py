@@ -29,7 +29,20 @@ ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"
 # Written beside the adapter by our fine-tuning and sample scripts: label names and the task.
 ADAPTER_SIDECAR = "export_adapter.json"
-SUPPORTED_PEFT_TYPES = ("LORA",)
+# Merge-able adapter types and the key fragment that marks their weights in a saved adapter.
+ADAPTER_MARKERS = {
+    "LORA": (".lora_",),
+    "ADALORA": (".lora_",),  # plus ranknum, which peft derives and does not save
+    "LOHA": (".hada_",),
+    "LOKR": (".lokr_",),
+    "IA3": (".ia3_",),
+}
+SUPPORTED_PEFT_TYPES = tuple(ADAPTER_MARKERS)
+ALL_MARKERS = tuple(sorted({m for ms in ADAPTER_MARKERS.values() for m in ms}))
+
+
+def is_adapter_key(key: str) -> bool:
+    return any(m in key for m in ALL_MARKERS)
 UNMERGEABLE_PEFT_TYPES = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT")
 
 
@@ -67,7 +80,7 @@ class AdapterRef:
 
     @property
     def rank(self) -> int:
-        return int(self.config.get("r", 0))
+        return int(self.config.get("r") or self.config.get("init_r") or 0)
 
     def rank_for(self, module_name: str) -> int:
         """The rank of one module, honouring peft's rank_pattern (keys match a suffix of the module name)."""
@@ -239,13 +252,14 @@ def inspect_adapter(path: Path, allow_pickle: bool = False) -> AdapterRef:
             f"{path / ADAPTER_CONFIG}: peft_type {peft_type} is not supported yet; supported: "
             + ", ".join(SUPPORTED_PEFT_TYPES)
         )
-    for key in ("r", "target_modules"):
+    required = ("r", "target_modules") if peft_type in ("LORA", "LOHA", "LOKR") else ("target_modules",)
+    for key in required:
         if cfg.get(key) in (None, "", []):
-            raise UserInputError(f"{path / ADAPTER_CONFIG}: missing required field {key!r} for a LoRA adapter")
-    if not isinstance(cfg["r"], int) or cfg["r"] <= 0:
+            raise UserInputError(f"{path / ADAPTER_CONFIG}: missing required field {key!r} for a {peft_type} adapter")
+    if "r" in required and (not isinstance(cfg["r"], int) or cfg["r"] <= 0):
         raise UserInputError(f"{path / ADAPTER_CONFIG}: 'r' must be a positive integer, got {cfg['r']!r}")
 
-    tensors = load_adapter_tensors(path, allow_pickle)
+    tensors = load_adapter_tensors(path, allow_pickle, peft_type)
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     weights_file = path / (ADAPTER_SAFETENSORS if (path / ADAPTER_SAFETENSORS).exists() else ADAPTER_PICKLE)
 
@@ -269,8 +283,8 @@ def inspect_adapter(path: Path, allow_pickle: bool = False) -> AdapterRef:
     )
 
 
-def load_adapter_tensors(path: Path, allow_pickle: bool = False) -> dict[str, Any]:
-    """The adapter's tensors, checked: present, readable, non-empty, finite, with LoRA weights."""
+def load_adapter_tensors(path: Path, allow_pickle: bool = False, peft_type: str = "LORA") -> dict[str, Any]:
+    """The adapter's tensors, checked: present, readable, non-empty, finite, with adapter weights."""
     import torch
 
     st = path / ADAPTER_SAFETENSORS
@@ -298,8 +312,12 @@ def load_adapter_tensors(path: Path, allow_pickle: bool = False) -> dict[str, An
             f"{path}: no adapter weights ({ADAPTER_SAFETENSORS} missing); save the adapter with "
             "save_pretrained(..., safe_serialization=True)"
         )
-    if not any(".lora_" in k for k in tensors):
-        raise MismatchError(f"{source}: holds no LoRA weights (no lora_A/lora_B tensors); is it the right file?")
+    markers = ADAPTER_MARKERS.get(peft_type, (".lora_",))
+    if not any(m in k for k in tensors for m in markers):
+        raise MismatchError(
+            f"{source}: holds no {peft_type} weights (no {'/'.join(m.strip('._') for m in markers)} tensors); "
+            "is it the right file?"
+        )
     for key, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise UserInputError(f"{source}: entry {key!r} is not a tensor")

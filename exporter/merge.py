@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import MismatchError, NonFiniteError, UserInputError
-from .loading import AdapterRef, BaseRef, load_adapter_tensors
+from .loading import ALL_MARKERS, AdapterRef, BaseRef, is_adapter_key, load_adapter_tensors
 from .tasks import ArchSpec, TaskSpec
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def full_tensor_names(keys) -> dict[str, str]:
     """
     out: dict[str, str] = {}
     for key in sorted(keys, key=lambda k: ".modules_to_save." in k):
-        if ".lora_" in key or ".original_module." in key:
+        if is_adapter_key(key) or ".original_module." in key:
             continue
         out[key.removeprefix(PEFT_PREFIX).replace(".modules_to_save.", ".")] = key
     return out
@@ -136,15 +136,18 @@ def check_fit(model, adapter: AdapterRef, base: BaseRef, missing_in_base: list[s
         if not key.startswith(PEFT_PREFIX):
             raise MismatchError(f"{adapter.weights_file}: unexpected key {key} (not a peft adapter key)")
         rel = key.removeprefix(PEFT_PREFIX)
-        if ".lora_" not in rel:
+        marker = next((m for m in ALL_MARKERS if m in rel), None)
+        if marker is None:
             continue
-        mod_name, _, rest = rel.partition(".lora_")
+        mod_name, _, rest = rel.partition(marker)
         mod = modules.get(mod_name)
         if mod is None:
             raise MismatchError(
                 f"adapter key {key}: base {base.name} has no module {mod_name}{recorded}; "
                 "use the base the adapter was trained on"
             )
+        if adapter.peft_type != "LORA":
+            continue  # peft checks the shapes of LoHa/LoKr/IA3/AdaLoRA factors when it loads them
         if isinstance(mod, torch.nn.Linear):
             n_in, n_out = mod.in_features, mod.out_features
         elif type(mod).__name__ == "Conv1D":  # GPT-2's transposed linear: weight is (in, out)
@@ -184,9 +187,11 @@ def check_fit(model, adapter: AdapterRef, base: BaseRef, missing_in_base: list[s
 
 
 def _lora_config(adapter: AdapterRef):
-    from peft import LoraConfig
+    """The adapter's peft config (LoraConfig, LoHaConfig, ...), tolerating keys from a newer peft."""
+    from peft import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING[adapter.peft_type]
+    fields = {f.name for f in dataclasses.fields(config_cls)}
     known = {k: v for k, v in adapter.config.items() if k in fields}
     unknown = sorted(set(adapter.config) - fields - {"peft_version"})
     warnings = []
@@ -197,9 +202,9 @@ def _lora_config(adapter: AdapterRef):
         )
     known["inference_mode"] = True
     try:
-        return LoraConfig(**known), warnings
+        return config_cls(**known), warnings
     except (TypeError, ValueError) as e:
-        raise UserInputError(f"{adapter.path / 'adapter_config.json'}: invalid LoRA config ({e})") from None
+        raise UserInputError(f"{adapter.path / 'adapter_config.json'}: invalid {adapter.peft_type} config ({e})") from None
 
 
 def apply_adapter(model, adapter: AdapterRef, base: BaseRef, missing_in_base: list[str], allow_pickle: bool):
@@ -214,14 +219,14 @@ def apply_adapter(model, adapter: AdapterRef, base: BaseRef, missing_in_base: li
 
     resize_embeddings(model, adapter)
     check_fit(model, adapter, base, missing_in_base)
-    tensors = load_adapter_tensors(adapter.path, allow_pickle)
+    tensors = load_adapter_tensors(adapter.path, allow_pickle, adapter.peft_type)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, key in full_tensor_names(tensors).items():
             params[name].copy_(tensors[key])
     config, warnings = _lora_config(adapter)
     peft_model = get_peft_model(model, config)
-    lora = {k: v for k, v in tensors.items() if ".lora_" in k}
+    lora = {k: v for k, v in tensors.items() if is_adapter_key(k)}
     # Modules peft wraps itself (modules_to_save, a task's head) expect their weights in the state dict
     # again; the others were loaded into the base above.
     expected = set(get_peft_model_state_dict(peft_model))
@@ -232,7 +237,7 @@ def apply_adapter(model, adapter: AdapterRef, base: BaseRef, missing_in_base: li
         raise MismatchError(f"{adapter.weights_file}: key {result.unexpected_keys[0]} matches no adapter module")
     provided = {k.replace(".weight", "") for k in lora}
     for name, _ in peft_model.named_parameters():
-        if ".lora_" not in name:
+        if not is_adapter_key(name) or ".ranknum" in name:
             continue
         short = name.replace(".default", "").replace(".weight", "")
         if short not in provided:

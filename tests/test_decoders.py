@@ -143,3 +143,41 @@ def test_int4_embedding_option_quantizes_the_gather(factory, tmp_path):
     q = onnx.load(str((tmp_path / ("b" if r.exit_code == 0 else "b.rejected")) / "model.int4.onnx"))
     assert any(n.op_type == "GatherBlockQuantized" for n in q.graph.node)
     assert json.loads(r.stdout)["variants"]["int4"]["file"] == "model.int4.onnx"
+
+
+def _peft_config(kind: str):
+    from peft import AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig
+
+    targets = ["q_proj", "v_proj"]
+    return {
+        "loha": lambda: LoHaConfig(task_type="CAUSAL_LM", r=4, alpha=8, target_modules=targets, init_weights=False),
+        "lokr": lambda: LoKrConfig(task_type="CAUSAL_LM", r=4, alpha=8, target_modules=targets, init_weights=False),
+        "ia3": lambda: IA3Config(task_type="CAUSAL_LM", target_modules=targets + ["down_proj"],
+                                 feedforward_modules=["down_proj"], init_ia3_weights=False),
+        "adalora": lambda: AdaLoraConfig(task_type="CAUSAL_LM", init_r=6, target_r=4, target_modules=targets,
+                                         total_step=10, init_lora_weights=False),
+    }[kind]()
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr", "ia3", "adalora"])
+def test_other_mergeable_adapter_types(factory, tmp_path, kind):
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from exporter.pipeline import ExportSpec, run_pipeline
+
+    base = factory.decoder_base("llama")
+    torch.manual_seed(6)
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(base), _peft_config(kind))
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:  # a "trained" adapter: move every adapter weight off its initial value
+                p.add_(0.05 * torch.randn_like(p))
+    adapter = tmp_path / kind
+    pm.save_pretrained(adapter)
+    report = run_pipeline(ExportSpec(adapter=adapter, out=tmp_path / "b", base=str(base), quantize=("none",)))
+    assert report.passed, report.data["variants"]["fp32"]["failures"]
+    assert report.data["adapter"]["peft_type"] == kind.upper()
+    assert report.data["adapter_effect"]["meaningful"], report.data["adapter_effect"]
+    assert report.data["variants"]["fp32"]["outputs"]["logits"]["greedy_exact"] == 1.0
