@@ -99,11 +99,13 @@ def cli() -> None:
               help="Accept a pickle-only adapter (adapter_model.bin), loaded with weights_only=True. "
                    "Only for files you trust.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a base whose code lives in its hub repo.")
+@click.option("--no-tokenizer", is_flag=True,
+              help="Export a base that ships no tokenizer (encoders): probes become synthetic token ids.")
 @click.option("--json", "as_json", is_flag=True, help="Print the Report (same object as parity.json) on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def export(adapter: Path, base: str | None, revision: str | None, out: Path, task: str | None, labels: str | None,
            quantize: tuple[str, ...], int4_block_size: str, int4_embedding: bool, opset: int, max_length: int, overwrite: bool, allow_pickle: bool,
-           trust_remote_code: bool, as_json: bool, quiet: bool) -> None:
+           trust_remote_code: bool, no_tokenizer: bool, as_json: bool, quiet: bool) -> None:
     """Merge a LoRA adapter into its base, export to ONNX, quantize, and prove parity with PyTorch.
 
     Writes OUT only when every variant passes its gate; otherwise exits 3 and keeps the diagnostics in
@@ -118,7 +120,7 @@ def export(adapter: Path, base: str | None, revision: str | None, out: Path, tas
         labels=tuple(x.strip() for x in labels.split(",")) if labels else None,
         quantize=quantize or ("int8",), opset=opset, overwrite=overwrite, allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code, max_length=max_length, int4_block_size=int(int4_block_size),
-        int4_embedding=int4_embedding,
+        int4_embedding=int4_embedding, no_tokenizer=no_tokenizer,
     )
     try:
         report = run_pipeline(spec, _progress(quiet))

@@ -242,6 +242,8 @@ def inspect_adapter(path: Path, allow_pickle: bool = False) -> AdapterRef:
     peft_type = cfg.get("peft_type")
     if peft_type is None:
         raise UserInputError(f"{path / ADAPTER_CONFIG}: missing 'peft_type'; is this a peft adapter folder?")
+    if not isinstance(peft_type, str):
+        raise UserInputError(f"{path / ADAPTER_CONFIG}: 'peft_type' must be a string like \"LORA\", got {peft_type!r:.60}")
     if peft_type in UNMERGEABLE_PEFT_TYPES:
         raise UnsupportedError(
             f"{path / ADAPTER_CONFIG}: {peft_type} adds virtual tokens instead of changing weights, so it cannot be "
@@ -256,8 +258,9 @@ def inspect_adapter(path: Path, allow_pickle: bool = False) -> AdapterRef:
     for key in required:
         if cfg.get(key) in (None, "", []):
             raise UserInputError(f"{path / ADAPTER_CONFIG}: missing required field {key!r} for a {peft_type} adapter")
-    if "r" in required and (not isinstance(cfg["r"], int) or cfg["r"] <= 0):
+    if "r" in required and (not isinstance(cfg["r"], int) or isinstance(cfg["r"], bool) or cfg["r"] <= 0):
         raise UserInputError(f"{path / ADAPTER_CONFIG}: 'r' must be a positive integer, got {cfg['r']!r}")
+    _check_types(cfg, path / ADAPTER_CONFIG)
 
     tensors = load_adapter_tensors(path, allow_pickle, peft_type)
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
@@ -281,6 +284,30 @@ def inspect_adapter(path: Path, allow_pickle: bool = False) -> AdapterRef:
         labels=labels,
         warnings=tuple(warnings),
     )
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+_FIELD_TYPES: dict[str, tuple[Any, str]] = {
+    "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
+    "init_r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
+    "target_modules": (lambda v: isinstance(v, str) or _is_str_list(v), "a string or a list of strings"),
+    "modules_to_save": (lambda v: v is None or _is_str_list(v), "a list of strings or null"),
+    "lora_alpha": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a positive number"),
+    "task_type": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "rank_pattern": (lambda v: v is None or (isinstance(v, dict) and all(isinstance(r, int) for r in v.values())),
+                     "a mapping of module patterns to integer ranks"),
+    "peft_type": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def _check_types(cfg: dict[str, Any], path: Path) -> None:
+    for key, (ok, what) in _FIELD_TYPES.items():
+        if key in cfg and not ok(cfg[key]):
+            raise UserInputError(f"{path}: {key!r} must be {what}, got {cfg[key]!r:.60}")
 
 
 def load_adapter_tensors(path: Path, allow_pickle: bool = False, peft_type: str = "LORA") -> dict[str, Any]:

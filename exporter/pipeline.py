@@ -7,6 +7,7 @@ only a fully verified bundle is renamed into place.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import logging
 import platform
@@ -36,7 +37,7 @@ from .bundle import (
     write_json,
     write_manifest,
 )
-from .errors import ParityError, UserInputError, require_full
+from .errors import ExporterError, ParityError, UserInputError, require_full
 from .export import DEFAULT_OPSET, MIN_ORT_FOR_OPSET
 from .probes import DEFAULT_MAX_LENGTH, PROBE_TEXTS
 from .quantize import QUANTIZE_MODES
@@ -70,6 +71,7 @@ class ExportSpec:
     include_adapter: bool = False
     int4_block_size: int = 32
     int4_embedding: bool = False
+    no_tokenizer: bool = False  # export a base that ships no tokenizer; probes are synthetic token ids
     training: dict[str, Any] | None = field(default=None, repr=False)  # from `run`: fine-tuning summary
 
     def recorded(self) -> dict[str, Any]:
@@ -158,8 +160,11 @@ def run_pipeline(spec: ExportSpec, progress: Progress | None = None) -> Report:
     check_architecture(base, spec.trust_remote_code)
     arch = get_arch(base.model_type)
     task = get_task(_choose_task(spec, adapter, base))
+    if spec.no_tokenizer and task.name == "text-generation":
+        raise UserInputError("--no-tokenizer is for encoder tasks; a text-generation bundle needs its tokenizer")
     if "int4" in modes and task.name != "text-generation":
         raise UserInputError("--quantize int4 is for text-generation models; use int8 or fp16 for encoders")
+    check_free_space(base, modes, out)
     with output_lock(out), quiet_libraries():
         staging = make_staging(out)
         try:
@@ -178,10 +183,42 @@ def run_pipeline(spec: ExportSpec, progress: Progress | None = None) -> Report:
                     f"diagnostics are in {rejected}{hint}",
                     report,
                 )
+        except OSError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise _disk_error(e, out) from None
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return Report(report)
+
+
+def _disk_error(e: OSError, out: Path) -> ExporterError:
+    """A write that failed halfway: one line naming the cause and the fix (staging is already removed)."""
+    where = e.filename or out.parent
+    if e.errno == errno.ENOSPC:
+        return ExporterError(f"no space left on the device while writing {where}; free space or choose another -o "
+                             f"(nothing was written to {out})")
+    return ExporterError(f"cannot write {where}: {e.strerror}; check the folder's permissions and space "
+                         f"(nothing was written to {out})")
+
+
+# Export needs room for the fp32 graph and each variant beside it (staging), plus slack for the reference.
+VARIANT_SIZE_FACTOR = {"fp32": 1.0, "fp16": 0.5, "int8": 0.3, "int4": 0.2}
+
+
+def check_free_space(base, modes: tuple[str, ...], out: Path) -> None:
+    """Refuse up front when the output's filesystem cannot hold the bundle (local bases: from weight sizes)."""
+    if not base.is_local:
+        return
+    weights = sum(f.stat().st_size for f in Path(base.location).glob("*.safetensors"))
+    need = int(weights * sum(VARIANT_SIZE_FACTOR[m] for m in ("fp32", *modes)) * 1.1) + 50_000_000
+    target = next((p for p in (out.resolve().parent, *out.resolve().parents) if p.exists()), Path.cwd())
+    free = shutil.disk_usage(target).free
+    if free < need:
+        raise ExporterError(
+            f"not enough free space in {target}: the bundle needs about {need / 1e9:.1f} GB, {free / 1e9:.1f} GB "
+            "is free; free space or choose another -o"
+        )
 
 
 @contextlib.contextmanager
@@ -273,7 +310,7 @@ def _save_tokenizer(base, adapter, staging: Path, trust_remote_code: bool):
         # transformers 5 silently builds an empty-vocabulary tokenizer here; that bundle would be garbage.
         raise UserInputError(
             f"base {base.name}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...) in {base.location}; "
-            "copy the tokenizer of the model into that folder"
+            "copy the model's tokenizer into that folder, or pass --no-tokenizer to export without one"
         )
     kwargs: dict[str, Any] = {"revision": base.revision} if base.revision else {}
     if trust_remote_code:
@@ -316,22 +353,30 @@ def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Pat
     from .loading import license_files, pooling_config
     from .merge import apply_adapter, load_base_model, merge, resolve_labels
     from .parity import OutputInfo, adapter_effect
-    from .probes import build_probes, load_tokenizer, save_arrays
+    from .probes import build_probes, load_tokenizer, save_arrays, synthetic_probes
     from .quantize import quantize
     from .tasks import input_names as task_inputs
     from .verify import evaluate_variants
 
     warnings = list(adapter.warnings)
-    tok = stages.run("tokenizer", "saving tokenizer", _save_tokenizer, base, adapter, staging,
-                     spec.trust_remote_code)
     limits = [spec.max_length, base.config.get("max_position_embeddings", spec.max_length)
               - (2 if base.model_type in ("roberta", "xlm-roberta") else 0)]
-    if 0 < tok.model_max_length < 1_000_000:
-        limits.append(tok.model_max_length)
-    max_length = min(limits)
     names = task_inputs(arch, base.config.get("type_vocab_size"))
-    fast_tok = load_tokenizer(staging / "tokenizer.json", max_length, tok.pad_token_id, tok.pad_token)
-    probes = build_probes(fast_tok, names, max_length)
+    if spec.no_tokenizer:
+        tok = fast_tok = None
+        max_length = min(limits)
+        probes = synthetic_probes(names, max_length, int(base.config.get("vocab_size", 1000)),
+                                  int(base.config.get("pad_token_id") or 0))
+        warnings.append("exported without a tokenizer (--no-tokenizer): the probes are synthetic token ids and "
+                        "`infer` needs token ids from your own tokenizer")
+    else:
+        tok = stages.run("tokenizer", "saving tokenizer", _save_tokenizer, base, adapter, staging,
+                         spec.trust_remote_code)
+        if 0 < tok.model_max_length < 1_000_000:
+            limits.append(tok.model_max_length)
+        max_length = min(limits)
+        fast_tok = load_tokenizer(staging / "tokenizer.json", max_length, tok.pad_token_id, tok.pad_token)
+        probes = build_probes(fast_tok, names, max_length)
     infos = [OutputInfo(o.name, "sequence" in o.axes, o.is_logits) for o in task.outputs]
     output_names = tuple(i.name for i in infos)
     labels = resolve_labels(task, arch, base, adapter, spec.labels)
@@ -352,7 +397,7 @@ def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Pat
     reference = stages.run("reference", "computing PyTorch reference",
                            lambda w: [run_torch(w, f, output_names) for f in probes.feeds], wrapper)
     eval_set = torch_metrics = None
-    if spec.task_eval is not None and task.name in PRIMARY_METRIC:
+    if spec.task_eval is not None and task.name in PRIMARY_METRIC and fast_tok is not None:
         eval_set = prepare_eval(task.name, spec.task_eval, labels, fast_tok, names)
         torch_metrics = stages.run(
             "task_eval_torch", f"scoring PyTorch on {len(spec.task_eval.rows)} eval rows", run_engine, eval_set,
@@ -402,8 +447,8 @@ def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Pat
         "outputs": [{"name": o.name, "dtype": "float32", "axes": list(o.axes), "is_logits": o.is_logits}
                     for o in task.outputs],
         "pooling": pooling,
-        "tokenizer": {"file": "tokenizer.json", "max_length": max_length, "pad_id": tok.pad_token_id,
-                      "pad_token": tok.pad_token},
+        "tokenizer": None if tok is None else {"file": "tokenizer.json", "max_length": max_length,
+                                               "pad_id": tok.pad_token_id, "pad_token": tok.pad_token},
         "reference": {"probes": PROBES_JSON, "inputs": INPUTS_NPZ, "outputs": OUTPUTS_NPZ},
         "variants": {
             name: {"file": a.path.name, "data_files": [d.name for d in a.data_files],

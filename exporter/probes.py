@@ -60,7 +60,8 @@ class ProbeSet:
     feeds: tuple[dict[str, np.ndarray], ...]
 
     def to_json(self) -> dict:
-        return {"texts": list(self.texts), "batches": [list(b) for b in self.batches], "max_length": self.max_length}
+        return {"texts": list(self.texts) or None, "batches": [list(b) for b in self.batches],
+                "max_length": self.max_length}
 
 
 def load_tokenizer(path: Path, max_length: int, pad_id: int, pad_token: str, padding_side: str = "right"):
@@ -113,3 +114,20 @@ def load_arrays(path: Path, n_batches: int) -> list[dict[str, np.ndarray]]:
     except (OSError, ValueError, KeyError, IndexError) as e:
         raise BundleError(f"{path}: cannot read reference arrays ({e}); re-export the bundle") from None
     return out
+
+
+def synthetic_probes(input_names: tuple[str, ...], max_length: int, vocab_size: int, pad_id: int) -> ProbeSet:
+    """Probes for a base without a tokenizer: seeded random token ids with the text probes' lengths and padding."""
+    rng = np.random.default_rng(0)
+    lengths = [min(max_length, n) for n in (3, 14, max_length, 2, 17, 21, 3, max_length)]
+    feeds = []
+    for batch in PROBE_BATCHES:
+        width = max(lengths[i] for i in batch)
+        ids = np.full((len(batch), width), pad_id, dtype=np.int64)
+        mask = np.zeros((len(batch), width), dtype=np.int64)
+        for row, i in enumerate(batch):
+            ids[row, :lengths[i]] = rng.integers(min(100, vocab_size - 1), vocab_size, lengths[i])
+            mask[row, :lengths[i]] = 1
+        all_feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        feeds.append({n: all_feeds[n] for n in input_names})
+    return ProbeSet((), PROBE_BATCHES, max_length, input_names, tuple(feeds))

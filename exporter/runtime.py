@@ -74,10 +74,13 @@ class BundleModel:
         self.labels = self.manifest.get("labels")
         self.input_names = tuple(i["name"] for i in self.manifest["inputs"])
         self.output_names = tuple(o["name"] for o in self.manifest["outputs"])
-        self.tokenizer = bundle_tokenizer(self.root, self.manifest)
+        self.tokenizer = bundle_tokenizer(self.root, self.manifest) if self.manifest.get("tokenizer") else None
         self.session = make_session(self.root / variants[self.variant]["file"], providers, threads)
 
     def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
+        if self.tokenizer is None:
+            raise UserInputError(f"{self.root}: exported without a tokenizer (--no-tokenizer); tokenize with your "
+                                 "own tokenizer and call BundleModel.run with token ids")
         return encode(self.tokenizer, texts, self.input_names)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

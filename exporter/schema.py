@@ -145,7 +145,8 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                                    "past_sequence, head_dim)"},
         "generation": {"type": "object", "required": ["eos_token_ids", "context_length"],
                        "description": "what generate needs: EOS ids, context length, the chat template"},
-        "tokenizer": {"type": "object", "required": ["file", "max_length", "pad_id", "pad_token"]},
+        "tokenizer": {"type": ["object", "null"], "required": ["file", "max_length", "pad_id", "pad_token"],
+                      "description": "null when exported with --no-tokenizer"},
         "reference": {"type": "object", "required": ["probes", "inputs", "outputs"]},
         "variants": {
             "type": "object",

@@ -114,8 +114,9 @@ def verify_bundle(
             raise BundleError(f"{root}: no variant {v!r}; this bundle has {', '.join(available)}")
     problems = check_integrity(root, manifest)
     bad_files = {p.split(":")[0] for p in problems}
-    reference_ok = not ({PROBES_JSON, INPUTS_NPZ, OUTPUTS_NPZ, manifest["tokenizer"]["file"]} & bad_files)
-    if reference_ok:
+    tokenizer_file = (manifest.get("tokenizer") or {}).get("file")
+    reference_ok = not ({PROBES_JSON, INPUTS_NPZ, OUTPUTS_NPZ, tokenizer_file} & bad_files)
+    if reference_ok and tokenizer_file:
         problems += check_tokenizer(root, manifest)
     runnable = []
     results: dict[str, dict[str, Any]] = {}
