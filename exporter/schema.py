@@ -43,7 +43,8 @@ _OUTPUT_METRICS = {
         "argmax_agreement_clear": {"type": "number"},
         "mean_kl": {"type": "number"},
         "greedy_exact": {"type": "number"},
-        "prefix_match_mean": {"type": "number"},
+        "prefix_match_mean": {"type": "number", "description": "departures at PyTorch near-ties count as matched"},
+        "tie_divergences": {"type": "integer", "description": "continuations that departed at a PyTorch near-tie"},
     },
 }
 

@@ -81,7 +81,8 @@ def evaluate_decoder_variants(
         runs = [greedy(step, dio, b["input_ids"], b["attention_mask"], n_new) for b in inputs]
         result = compare_decoder([r.prefill_logits for r in runs], [r["logits"] for r in reference],
                                  [b["attention_mask"] for b in inputs], [r.tokens for r in runs],
-                                 [r["tokens"] for r in reference], entry["thresholds"])
+                                 [r["tokens"] for r in reference], entry["thresholds"],
+                                 [r["margins"] for r in reference])
         results[name] = {"file": entry["file"], **result}
     return results
 

@@ -181,3 +181,20 @@ def test_other_mergeable_adapter_types(factory, tmp_path, kind):
     assert report.data["adapter"]["peft_type"] == kind.upper()
     assert report.data["adapter_effect"]["meaningful"], report.data["adapter_effect"]
     assert report.data["variants"]["fp32"]["outputs"]["logits"]["greedy_exact"] == 1.0
+
+
+def test_departure_at_a_pytorch_near_tie_is_not_damage():
+    from exporter.parity import compare_decoder
+    from exporter.tolerances import decoder_thresholds_for
+
+    rng = np.random.default_rng(1)
+    logits = [rng.standard_normal((1, 4, 10)).astype(np.float32) * 3]
+    mask = [np.ones((1, 4), dtype=np.int64)]
+    ref_tokens = [np.array([[1, 2, 3, 4]])]
+    got = [np.array([[1, 2, 7, 7]])]  # departs at step 2
+    th = decoder_thresholds_for("int8")
+    tie = compare_decoder(logits, logits, mask, got, ref_tokens, th, [np.array([[5.0, 5.0, 1e-4, 5.0]])])
+    assert tie["outputs"]["logits"]["tie_divergences"] == 1 and tie["outputs"]["logits"]["prefix_match_mean"] == 1.0
+    clear = compare_decoder(logits, logits, mask, got, ref_tokens, th, [np.array([[5.0, 5.0, 5.0, 5.0]])])
+    assert clear["outputs"]["logits"]["prefix_match_mean"] == 0.5 and clear["outputs"]["logits"]["tie_divergences"] == 0
+    assert clear["outputs"]["logits"]["greedy_exact"] == 0.0
