@@ -161,6 +161,9 @@ def scaling(args) -> None:
             verdicts = ", ".join(f"{v} {'pass' if r['passed'] else 'FAIL'}" for v, r in report["variants"].items())
             print(f"| {size} | {params / 1e6:.0f}M | {weights_mb:.0f} | {wall:.1f} | {res['rss']:.0f} | "
                   f"{res['rss'] / weights_mb:.2f}x | {verdicts} |")
+            for v, r in report["variants"].items():
+                for f in r["failures"]:
+                    print(f"  {size} {v}: {f}", file=sys.stderr)
 
 
 def main() -> None:

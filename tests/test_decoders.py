@@ -198,3 +198,33 @@ def test_departure_at_a_pytorch_near_tie_is_not_damage():
     clear = compare_decoder(logits, logits, mask, got, ref_tokens, th, [np.array([[5.0, 5.0, 5.0, 5.0]])])
     assert clear["outputs"]["logits"]["prefix_match_mean"] == 0.5 and clear["outputs"]["logits"]["tie_divergences"] == 0
     assert clear["outputs"]["logits"]["greedy_exact"] == 0.0
+
+
+def test_decoder_adapter_that_grew_the_vocabulary(factory, tmp_path):
+    """embed_tokens and lm_head in modules_to_save with added tokens: carried over, tokens generate."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from exporter.pipeline import ExportSpec, run_pipeline
+
+    base = factory.decoder_base("llama")
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_tokens(["<tool>", "</tool>"])
+    torch.manual_seed(7)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(len(tok))
+    pm = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                          modules_to_save=["embed_tokens", "lm_head"], init_lora_weights=False))
+    with torch.no_grad():  # make the new tokens likely, so generation exercises them
+        pm.base_model.model.lm_head.modules_to_save["default"].weight[-2:] += 0.5
+    adapter = tmp_path / "grown"
+    pm.save_pretrained(adapter)
+    tok.save_pretrained(adapter)
+    report = run_pipeline(ExportSpec(adapter=adapter, out=tmp_path / "b", base=str(base), quantize=("none",)))
+    assert report.passed, report.data["variants"]["fp32"]["failures"]
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["vocab_size"] == len(tok)
+    gen = BundleGenerator(tmp_path / "b", "fp32")
+    assert gen.tokenizer.encode("<tool>").ids[-1] == len(tok) - 2
+    assert manifest["decoder"]["num_layers"] == 2
