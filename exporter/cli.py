@@ -122,8 +122,13 @@ def export(adapter: Path, base: str | None, revision: str | None, out: Path, tas
         trust_remote_code=trust_remote_code, max_length=max_length, int4_block_size=int(int4_block_size),
         int4_embedding=int4_embedding, no_tokenizer=no_tokenizer,
     )
+    _show_report(lambda: run_pipeline(spec, _progress(quiet)), out, as_json)
+
+
+def _show_report(produce, out: Path, as_json: bool) -> None:
+    """Run an export; print its Report (also the failed one with --json) or the human summary."""
     try:
-        report = run_pipeline(spec, _progress(quiet))
+        report = produce()
     except ParityError as e:
         if as_json and e.report is not None:
             _emit_json(e.report)
@@ -285,17 +290,8 @@ def run(recipe_file: Path, out: Path, epochs, max_steps, learning_rate, batch_si
     from .recipes import load_recipe
 
     r = load_recipe(recipe_file, _overrides(epochs, max_steps, learning_rate, batch_size, seed, quantize))
-    try:
-        report = run_recipe(r, out, overwrite=overwrite, quiet=quiet, progress=_progress(quiet),
-                            work_dir=work_dir, resume=resume)
-    except ParityError as e:
-        if as_json and e.report is not None:
-            _emit_json(e.report)
-        raise
-    if as_json:
-        _emit_json(report.data)
-    else:
-        _print_summary(report.data, out)
+    _show_report(lambda: run_recipe(r, out, overwrite=overwrite, quiet=quiet, progress=_progress(quiet),
+                                    work_dir=work_dir, resume=resume), out, as_json)
 
 
 def _read_inputs(texts: tuple[str, ...], input_file: Path | None) -> list[str]:

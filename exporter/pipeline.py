@@ -350,7 +350,7 @@ def _load_tokenizer(location, what: str, base_vocab: int | None, adapter_vocab: 
 
 def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Path) -> dict[str, Any]:
     from .export import example_feeds, export_onnx, make_wrapper, run_torch
-    from .loading import license_files, pooling_config
+    from .loading import pooling_config
     from .merge import apply_adapter, load_base_model, merge, resolve_labels
     from .parity import OutputInfo, adapter_effect
     from .probes import build_probes, load_tokenizer, save_arrays, synthetic_probes
@@ -427,10 +427,7 @@ def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Pat
     write_json(staging / PROBES_JSON, probes.to_json())
     save_arrays(staging / INPUTS_NPZ, list(probes.feeds))
     save_arrays(staging / OUTPUTS_NPZ, reference)
-    base_dir = staging / "base_model"
-    for f in license_files(base):
-        base_dir.mkdir(exist_ok=True)
-        shutil.copyfile(f, base_dir / f.name)
+    _copy_base_docs(base, staging)
 
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -450,12 +447,7 @@ def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Pat
         "tokenizer": None if tok is None else {"file": "tokenizer.json", "max_length": max_length,
                                                "pad_id": tok.pad_token_id, "pad_token": tok.pad_token},
         "reference": {"probes": PROBES_JSON, "inputs": INPUTS_NPZ, "outputs": OUTPUTS_NPZ},
-        "variants": {
-            name: {"file": a.path.name, "data_files": [d.name for d in a.data_files],
-                   "dtype": {"fp32": "float32", "fp16": "float16", "int8": "int8-dynamic-per-channel"}[name],
-                   "thresholds": thresholds_for(name)}
-            for name, a in artifacts.items()
-        },
+        "variants": _variant_entries(artifacts, thresholds_for, spec),
         "adapter_effect": {"max_abs_diff": effect, "required_min": required, "meaningful": meaningful},
         "spec": spec.recorded(),
         "versions": _versions(),
@@ -468,6 +460,23 @@ def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Pat
                                   staging, artifacts, eval_set, torch_metrics, spec.task_eval, results)
     return _finish(staging, spec, modes, manifest, results, warnings, stages, task, artifacts, task_metrics,
                    adapter)
+
+
+def _variant_entries(artifacts: dict, thresholds: Callable[[str], dict], spec: ExportSpec) -> dict[str, Any]:
+    """The manifest's variants: files, what each holds, and the gate verify must re-apply."""
+    dtypes = {"fp32": "float32", "fp16": "float16", "int8": "int8-dynamic-per-channel",
+              "int4": f"int4-weight-only-block{spec.int4_block_size}" + ("-embedding" if spec.int4_embedding else "")}
+    return {name: {"file": a.path.name, "data_files": [d.name for d in a.data_files], "dtype": dtypes[name],
+                   "thresholds": thresholds(name)} for name, a in artifacts.items()}
+
+
+def _copy_base_docs(base, staging: Path) -> None:
+    """The base's LICENSE/README travel with the bundle (its terms apply to the weights)."""
+    from .loading import license_files
+
+    for f in license_files(base):
+        (staging / "base_model").mkdir(exist_ok=True)
+        shutil.copyfile(f, staging / "base_model" / f.name)
 
 
 def _finish(staging: Path, spec, modes, manifest: dict[str, Any], results: dict, warnings: list[str],
@@ -554,7 +563,6 @@ def _build_decoder(spec, modes, stages: _Stages, adapter, base, arch, task, stag
 
     from .decoder import conv1d_to_linear, decoder_io, export_decoder, make_decoder_wrapper, torch_step
     from .generation import greedy
-    from .loading import license_files
     from .merge import apply_adapter, load_base_model, merge
     from .probes import GREEDY_TOKENS, PROBE_PROMPTS, encode, load_tokenizer, save_arrays
     from .quantize import quantize
@@ -633,9 +641,7 @@ def _build_decoder(spec, modes, stages: _Stages, adapter, base, arch, task, stag
     save_arrays(staging / INPUTS_NPZ, list(feeds))
     save_arrays(staging / OUTPUTS_NPZ, [{"logits": r.prefill_logits.astype(np.float32), "tokens": r.tokens,
                                          "margins": r.margins.astype(np.float32)} for r in runs])
-    for f in license_files(base):
-        (staging / "base_model").mkdir(exist_ok=True)
-        shutil.copyfile(f, staging / "base_model" / f.name)
+    _copy_base_docs(base, staging)
     chat_template = getattr(tok, "chat_template", None)
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -664,14 +670,7 @@ def _build_decoder(spec, modes, stages: _Stages, adapter, base, arch, task, stag
                        "chat_template": chat_template if isinstance(chat_template, str) else None,
                        "bos_token": tok.bos_token, "eos_token": tok.eos_token},
         "reference": {"probes": PROBES_JSON, "inputs": INPUTS_NPZ, "outputs": OUTPUTS_NPZ},
-        "variants": {
-            name: {"file": a.path.name, "data_files": [d.name for d in a.data_files],
-                   "dtype": {"fp32": "float32", "fp16": "float16", "int8": "int8-dynamic-per-channel",
-                             "int4": f"int4-weight-only-block{spec.int4_block_size}"
-                                     + ("-embedding" if spec.int4_embedding else "")}[name],
-                   "thresholds": decoder_thresholds_for(name)}
-            for name, a in artifacts.items()
-        },
+        "variants": _variant_entries(artifacts, decoder_thresholds_for, spec),
         "adapter_effect": {"max_abs_diff": effect, "required_min": required, "meaningful": meaningful},
         "spec": spec.recorded(),
         "versions": _versions(),
