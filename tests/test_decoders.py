@@ -228,3 +228,24 @@ def test_decoder_adapter_that_grew_the_vocabulary(factory, tmp_path):
     gen = BundleGenerator(tmp_path / "b", "fp32")
     assert gen.tokenizer.encode("<tool>").ids[-1] == len(tok) - 2
     assert manifest["decoder"]["num_layers"] == 2
+
+
+def test_chat_template_is_applied_without_transformers(factory, tmp_path):
+    import shutil
+
+    from exporter.pipeline import ExportSpec, run_pipeline
+
+    base = tmp_path / "chat-base"
+    shutil.copytree(factory.decoder_base("llama"), base)
+    cfg_path = base / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+                            "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+    cfg_path.write_text(json.dumps(cfg))
+    out = tmp_path / "b"
+    assert run_pipeline(ExportSpec(adapter=factory.decoder_adapter("llama"), out=out, base=str(base),
+                                   quantize=("none",))).passed
+    gen = BundleGenerator(out, "fp32")
+    assert gen.apply_chat_template("hi there") == "<|user|> hi there <|assistant|> "
+    r = CliRunner().invoke(cli, ["generate", str(out), "hi there", "--chat", "--max-new-tokens", "3"])
+    assert r.exit_code == 0, r.output
