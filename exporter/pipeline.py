@@ -430,27 +430,15 @@ def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Pat
     _copy_base_docs(base, staging)
 
     manifest: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "created_by": f"export-adapter {__version__}",
-        "task": task.name,
+        **_manifest_head(spec, task, base, adapter, num_parameters),
         "labels": list(labels) if labels else None,
-        "base": {"name": base.name, "revision": base.revision, "model_type": base.model_type},
-        "adapter": adapter.summary(),
-        "num_parameters": num_parameters,
-        "opset": spec.opset,
-        "min_onnxruntime": MIN_ORT_FOR_OPSET[spec.opset],
-        "onnxruntime_fusions": False,
         "inputs": [{"name": n, "dtype": "int64", "axes": ["batch", "sequence"]} for n in names],
         "outputs": [{"name": o.name, "dtype": "float32", "axes": list(o.axes), "is_logits": o.is_logits}
                     for o in task.outputs],
         "pooling": pooling,
         "tokenizer": None if tok is None else {"file": "tokenizer.json", "max_length": max_length,
                                                "pad_id": tok.pad_token_id, "pad_token": tok.pad_token},
-        "reference": {"probes": PROBES_JSON, "inputs": INPUTS_NPZ, "outputs": OUTPUTS_NPZ},
-        "variants": _variant_entries(artifacts, thresholds_for, spec),
-        "adapter_effect": {"max_abs_diff": effect, "required_min": required, "meaningful": meaningful},
-        "spec": spec.recorded(),
-        "versions": _versions(),
+        **_manifest_tail(spec, artifacts, thresholds_for, effect, required, meaningful),
     }
     results = stages.run("verify", "checking parity with onnxruntime",
                          lambda: evaluate_variants(staging, manifest, list(artifacts)))
@@ -460,6 +448,33 @@ def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Pat
                                   staging, artifacts, eval_set, torch_metrics, spec.task_eval, results)
     return _finish(staging, spec, modes, manifest, results, warnings, stages, task, artifacts, task_metrics,
                    adapter)
+
+
+def _manifest_head(spec: ExportSpec, task, base, adapter, num_parameters: int) -> dict[str, Any]:
+    """The manifest fields every family shares, first."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created_by": f"export-adapter {__version__}",
+        "task": task.name,
+        "base": {"name": base.name, "revision": base.revision, "model_type": base.model_type},
+        "adapter": adapter.summary(),
+        "num_parameters": num_parameters,
+        "opset": spec.opset,
+        "min_onnxruntime": MIN_ORT_FOR_OPSET[spec.opset],
+        "onnxruntime_fusions": False,
+    }
+
+
+def _manifest_tail(spec: ExportSpec, artifacts: dict, thresholds: Callable[[str], dict], effect: dict,
+                   required: float, meaningful: bool) -> dict[str, Any]:
+    """The manifest fields every family shares, last: reference files, variants and their gates."""
+    return {
+        "reference": {"probes": PROBES_JSON, "inputs": INPUTS_NPZ, "outputs": OUTPUTS_NPZ},
+        "variants": _variant_entries(artifacts, thresholds, spec),
+        "adapter_effect": {"max_abs_diff": effect, "required_min": required, "meaningful": meaningful},
+        "spec": spec.recorded(),
+        "versions": _versions(),
+    }
 
 
 def _variant_entries(artifacts: dict, thresholds: Callable[[str], dict], spec: ExportSpec) -> dict[str, Any]:
@@ -644,17 +659,9 @@ def _build_decoder(spec, modes, stages: _Stages, adapter, base, arch, task, stag
     _copy_base_docs(base, staging)
     chat_template = getattr(tok, "chat_template", None)
     manifest: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "created_by": f"export-adapter {__version__}",
+        **_manifest_head(spec, task, base, adapter, num_parameters),
         "family": "decoder",
-        "task": task.name,
         "labels": None,
-        "base": {"name": base.name, "revision": base.revision, "model_type": base.model_type},
-        "adapter": adapter.summary(),
-        "num_parameters": num_parameters,
-        "opset": spec.opset,
-        "min_onnxruntime": MIN_ORT_FOR_OPSET[spec.opset],
-        "onnxruntime_fusions": False,
         "decoder": dio.to_json(),
         "inputs": [{"name": n, "dtype": "float32" if n.startswith("past") else "int64",
                     "axes": (["batch", "num_kv_heads", "past_sequence", "head_dim"] if n.startswith("past") else
@@ -669,11 +676,7 @@ def _build_decoder(spec, modes, stages: _Stages, adapter, base, arch, task, stag
         "generation": {"eos_token_ids": eos_ids, "context_length": int(positions),
                        "chat_template": chat_template if isinstance(chat_template, str) else None,
                        "bos_token": tok.bos_token, "eos_token": tok.eos_token},
-        "reference": {"probes": PROBES_JSON, "inputs": INPUTS_NPZ, "outputs": OUTPUTS_NPZ},
-        "variants": _variant_entries(artifacts, decoder_thresholds_for, spec),
-        "adapter_effect": {"max_abs_diff": effect, "required_min": required, "meaningful": meaningful},
-        "spec": spec.recorded(),
-        "versions": _versions(),
+        **_manifest_tail(spec, artifacts, decoder_thresholds_for, effect, required, meaningful),
     }
     results = stages.run("verify", "checking parity with onnxruntime (logits and greedy tokens)",
                          lambda: evaluate_variants(staging, manifest, list(artifacts)))

@@ -213,3 +213,24 @@ def make_decoder_adapter(base: Path, arch: str, out: Path, r: int = 4, seed: int
     pm.peft_config["default"].base_model_name_or_path = str(base)
     pm.save_pretrained(out)
     return out
+
+
+def run_export(adapter, out, *extra):
+    """`export-adapter export ... -q` through CliRunner."""
+    from click.testing import CliRunner
+
+    from exporter.cli import cli
+
+    return CliRunner().invoke(cli, ["export", "--adapter", str(adapter), "-o", str(out), "-q", *extra])
+
+
+def assert_clean_failure(r, out, *needles, code=1):
+    """One `error:` line naming the problem, the exit code, no traceback, OUT untouched, no staging left."""
+    assert r.exit_code == code, r.output
+    assert "Traceback" not in r.output
+    msg = r.stderr.strip()
+    assert msg.startswith("error: ") and len(msg.splitlines()) == 1, msg
+    for n in needles:
+        assert n in msg, (n, msg)
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]

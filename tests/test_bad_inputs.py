@@ -8,26 +8,8 @@ import shutil
 
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers import assert_clean_failure, run_export
 from safetensors.torch import load_file, save_file
-
-from exporter.cli import cli
-
-
-def run_export(adapter, out, *extra):
-    r = CliRunner().invoke(cli, ["export", "--adapter", str(adapter), "-o", str(out), "-q", *extra])
-    return r
-
-
-def assert_clean_failure(r, out, *needles, code=1):
-    assert r.exit_code == code, r.output
-    assert "Traceback" not in r.output
-    msg = r.stderr.strip()
-    assert msg.startswith("error: ") and len(msg.splitlines()) == 1, msg
-    for n in needles:
-        assert n in msg, (n, msg)
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
 
 
 @pytest.fixture

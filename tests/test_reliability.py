@@ -11,26 +11,13 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from helpers import assert_clean_failure, run_export
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from exporter.cli import cli
 from exporter.errors import ExporterError
-
-
-def export(adapter, out, *extra):
-    return CliRunner().invoke(cli, ["export", "--adapter", str(adapter), "-o", str(out), "-q", *extra])
-
-
-def assert_clean(r, out, *needles, code=1):
-    assert r.exit_code == code, r.output
-    msg = r.stderr.strip()
-    assert msg.startswith("error: ") and len(msg.splitlines()) == 1 and "Traceback" not in r.output, msg
-    for n in needles:
-        assert n in msg, (n, msg)
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
 
 
 @pytest.fixture
@@ -55,7 +42,7 @@ def edit_tensors(adapter: Path, fn):
 
 def test_config_from_a_newer_peft_goes_on_with_a_warning(adapter, tmp_path):
     edit_config(adapter, shiny_new_option=True)
-    r = export(adapter, tmp_path / "out", "--json")
+    r = run_export(adapter, tmp_path / "out", "--json")
     assert r.exit_code == 0, r.output
     warnings = json.loads(r.stdout)["warnings"]
     assert any("shiny_new_option" in w and "newer peft" in w for w in warnings)
@@ -63,12 +50,12 @@ def test_config_from_a_newer_peft_goes_on_with_a_warning(adapter, tmp_path):
 
 def test_zero_size_tensor_is_refused(adapter, tmp_path):
     edit_tensors(adapter, lambda t: t.__setitem__(next(k for k in t if "lora_A" in k), torch.zeros(0)))
-    assert_clean(export(adapter, tmp_path / "out"), tmp_path / "out", "zero size", "ZeRO-3")
+    assert_clean_failure(run_export(adapter, tmp_path / "out"), tmp_path / "out", "zero size", "ZeRO-3")
 
 
 def test_adapter_without_lora_weights_is_refused(adapter, tmp_path):
     edit_tensors(adapter, lambda t: [t.pop(k) for k in [k for k in t if ".lora_" in k]])
-    assert_clean(export(adapter, tmp_path / "out"), tmp_path / "out", "no LORA weights")
+    assert_clean_failure(run_export(adapter, tmp_path / "out"), tmp_path / "out", "no LORA weights")
 
 
 def test_adapter_targeting_a_module_the_base_lacks(adapter, tmp_path):
@@ -76,13 +63,13 @@ def test_adapter_targeting_a_module_the_base_lacks(adapter, tmp_path):
         k = next(k for k in t if "query.lora_A" in k)
         t[k.replace("query", "quarry")] = t.pop(k)
     edit_tensors(adapter, rename)
-    assert_clean(export(adapter, tmp_path / "out"), tmp_path / "out", "has no module", "quarry")
+    assert_clean_failure(run_export(adapter, tmp_path / "out"), tmp_path / "out", "has no module", "quarry")
 
 
 def test_unexpected_extra_key_is_refused(adapter, tmp_path):
     edit_tensors(adapter, lambda t: t.__setitem__("base_model.model.bert.encoder.layer.0.attention.self.key.lora_A.weight",
                                                   torch.ones(4, 32)))
-    assert_clean(export(adapter, tmp_path / "out"), tmp_path / "out", "matches no adapter module")
+    assert_clean_failure(run_export(adapter, tmp_path / "out"), tmp_path / "out", "matches no adapter module")
 
 
 def test_nan_in_the_base_is_caught_before_any_onnx_file(factory, tmp_path):
@@ -93,8 +80,8 @@ def test_nan_in_the_base_is_caught_before_any_onnx_file(factory, tmp_path):
     w[key][0, 0] = float("inf")
     save_file(w, base / "model.safetensors")
     out = tmp_path / "out"
-    r = export(factory.adapter("bert", "text-classification"), out, "--base", str(base))
-    assert_clean(r, out, "NaN or inf", "value.weight")
+    r = run_export(factory.adapter("bert", "text-classification"), out, "--base", str(base))
+    assert_clean_failure(r, out, "NaN or inf", "value.weight")
 
 
 def test_disk_full_during_quantization(factory, tmp_path, monkeypatch):
@@ -103,8 +90,8 @@ def test_disk_full_during_quantization(factory, tmp_path, monkeypatch):
 
     monkeypatch.setattr("exporter.quantize._int8", full)
     out = tmp_path / "out"
-    r = export(factory.adapter("bert", "text-classification"), out)
-    assert_clean(r, out, "no space left", "model.int8.onnx")
+    r = run_export(factory.adapter("bert", "text-classification"), out)
+    assert_clean_failure(r, out, "no space left", "model.int8.onnx")
 
 
 def test_free_space_is_checked_before_a_large_export(factory, tmp_path, monkeypatch):
@@ -113,7 +100,7 @@ def test_free_space_is_checked_before_a_large_export(factory, tmp_path, monkeypa
 
     monkeypatch.setattr("exporter.pipeline.shutil.disk_usage", lambda path: Tiny)
     out = tmp_path / "out"
-    assert_clean(export(factory.adapter("bert", "text-classification"), out), out, "not enough free space")
+    assert_clean_failure(run_export(factory.adapter("bert", "text-classification"), out), out, "not enough free space")
 
 
 def test_reexport_with_overwrite_leaves_no_stale_external_data(factory, tmp_path, monkeypatch):
@@ -123,9 +110,9 @@ def test_reexport_with_overwrite_leaves_no_stale_external_data(factory, tmp_path
     monkeypatch.setattr("exporter.export.EXTERNAL_DATA_THRESHOLD", 0)
     out = tmp_path / "out"
     adapter = factory.adapter("bert", "text-classification")
-    assert export(adapter, out, "--quantize", "none").exit_code == 0
+    assert run_export(adapter, out, "--quantize", "none").exit_code == 0
     first = (out / "model.onnx.data").stat().st_size
-    assert export(adapter, out, "--quantize", "none", "--overwrite").exit_code == 0
+    assert run_export(adapter, out, "--quantize", "none", "--overwrite").exit_code == 0
     assert (out / "model.onnx.data").stat().st_size == first
     assert verify_bundle(out)["passed"]
 
@@ -141,9 +128,9 @@ def test_no_tokenizer_export_and_its_limits(factory, tmp_path):
             f.unlink()
     out = tmp_path / "out"
     adapter = factory.adapter("bert", "text-classification")
-    r = export(adapter, out, "--base", str(base))
-    assert_clean(r, out, "no tokenizer files", "--no-tokenizer")
-    r = export(adapter, out, "--base", str(base), "--no-tokenizer", "--json")
+    r = run_export(adapter, out, "--base", str(base))
+    assert_clean_failure(r, out, "no tokenizer files", "--no-tokenizer")
+    r = run_export(adapter, out, "--base", str(base), "--no-tokenizer", "--json")
     assert r.exit_code == 0, r.output
     assert any("--no-tokenizer" in w for w in json.loads(r.stdout)["warnings"])
     assert not (out / "tokenizer.json").exists()
