@@ -51,3 +51,12 @@ def test_full_commands_say_what_is_missing(tmp_path):
         r = run_blocked(*args)
         assert r.returncode == 1, (args, r.stderr)
         assert r.stderr.startswith("error: ") and "needs the full toolkit" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_decoder_verify_and_generate_without_torch(factory):
+    out, _ = factory.decoder_bundle("gpt2")
+    r = run_blocked("verify", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["variants"]["int4"]["passed"] is True
+    r = run_blocked("generate", str(out), "Once upon a time", "--max-new-tokens", "5", "--variant", "int4")
+    assert r.returncode == 0, r.stderr
