@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
-import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,6 @@ import numpy as np
 from .errors import ExporterError
 from .export import EXTERNAL_DATA_THRESHOLD, MIN_ORT_FOR_OPSET, OnnxArtifact
 from .generation import DecoderIO
-
-log = logging.getLogger(__name__)
 
 
 def _cache_kwarg(model) -> str:

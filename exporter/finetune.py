@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import math
 import os
 import shutil
@@ -28,7 +27,6 @@ from .errors import UnsupportedError, UserInputError, require_full
 from .loading import ADAPTER_SIDECAR, resolve_base_name
 from .recipes import Recipe, effective_yaml
 
-log = logging.getLogger(__name__)
 METRICS_FILE = "training_metrics.json"
 PEFT_TASK = {"text-classification": "SEQ_CLS", "token-classification": "TOKEN_CLS", "text-generation": "CAUSAL_LM"}
 MODEL_CLASS = {"text-classification": "AutoModelForSequenceClassification",

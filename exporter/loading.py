@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import MismatchError, NonFiniteError, UnsafeFormatError, UnsupportedError, UserInputError
-
-log = logging.getLogger(__name__)
 
 # Bases that ship inside a Python package, addressed without any machine path.
 EMBEDDED_BASES = {
@@ -68,7 +65,6 @@ class AdapterRef:
     shapes: dict[str, tuple[int, ...]]
     recorded_base: str | None
     labels: tuple[str, ...] | None
-    warnings: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -140,13 +136,20 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def read_json(path: Path, what: str) -> dict[str, Any]:
+def read_text(path: Path, what: str) -> str:
+    """A user-named text file, or one line saying it is missing or unreadable."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserInputError(f"{path}: {what} not found") from None
+    except UnicodeDecodeError:
+        raise UserInputError(f"{path}: {what} is not UTF-8 text; re-save it as UTF-8") from None
     except OSError as e:
         raise UserInputError(f"{path}: cannot read {what} ({e.strerror}); check its permissions") from None
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    text = read_text(path, what)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -238,7 +241,6 @@ def inspect_adapter(path: Path, allow_pickle: bool = False) -> AdapterRef:
     if not path.is_dir():
         raise UserInputError(f"{path}: --adapter must be a folder holding adapter_config.json")
     cfg = read_json(path / ADAPTER_CONFIG, "adapter_config.json")
-    warnings: list[str] = []
     peft_type = cfg.get("peft_type")
     if peft_type is None:
         raise UserInputError(f"{path / ADAPTER_CONFIG}: missing 'peft_type'; is this a peft adapter folder?")
@@ -282,7 +284,6 @@ def inspect_adapter(path: Path, allow_pickle: bool = False) -> AdapterRef:
         shapes=shapes,
         recorded_base=cfg.get("base_model_name_or_path"),
         labels=labels,
-        warnings=tuple(warnings),
     )
 
 

@@ -7,15 +7,12 @@ re-initialises what it cannot match.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import MismatchError, NonFiniteError, UserInputError
 from .loading import ALL_MARKERS, AdapterRef, BaseRef, is_adapter_key, load_adapter_tensors
 from .tasks import ArchSpec, TaskSpec
-
-log = logging.getLogger(__name__)
 
 PEFT_PREFIX = "base_model.model."
 GENERIC_LABEL = "LABEL_"

@@ -358,7 +358,7 @@ def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Pat
     from .tasks import input_names as task_inputs
     from .verify import evaluate_variants
 
-    warnings = list(adapter.warnings)
+    warnings: list[str] = []
     limits = [spec.max_length, base.config.get("max_position_embeddings", spec.max_length)
               - (2 if base.model_type in ("roberta", "xlm-roberta") else 0)]
     names = task_inputs(arch, base.config.get("type_vocab_size"))
@@ -584,7 +584,7 @@ def _build_decoder(spec, modes, stages: _Stages, adapter, base, arch, task, stag
     from .tolerances import decoder_thresholds_for
     from .verify import evaluate_variants
 
-    warnings = list(adapter.warnings)
+    warnings: list[str] = []
     tok = stages.run("tokenizer", "saving tokenizer", _save_tokenizer, base, adapter, staging,
                      spec.trust_remote_code)
     positions = base.config.get("max_position_embeddings") or base.config.get("n_positions") or spec.max_length

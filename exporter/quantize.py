@@ -8,8 +8,6 @@ from pathlib import Path
 from .errors import ExporterError, UnsupportedError
 from .export import OnnxArtifact
 
-log = logging.getLogger(__name__)
-
 QUANTIZE_MODES = ("int8", "fp16", "int4")
 VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx", "int4": "model.int4.onnx"}
 DEFAULT_INT4_BLOCK = 32
@@ -28,7 +26,7 @@ def quantize(fp32: OnnxArtifact, mode: str, out_dir: Path, *, block_size: int = 
             _int4(fp32.path, path, external, block_size, int4_embedding)
         else:
             _fp16(fp32.path, path, external)
-    except (ExporterError, OSError, KeyboardInterrupt):
+    except (ExporterError, OSError):
         raise
     except Exception as e:  # noqa: BLE001 - onnxruntime's tools raise plain Exceptions
         raise ExporterError(f"{mode} quantization failed: {type(e).__name__}: {str(e)[:200]}") from e

@@ -158,13 +158,10 @@ def load_recipe(path: Path, overrides: dict[str, Any] | None = None) -> Recipe:
     """Parse, validate and resolve a recipe; ``overrides`` maps dotted keys (training.epochs) to values."""
     import yaml
 
+    from .loading import read_text
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserInputError(f"{path}: recipe not found") from None
-    except OSError as e:
-        raise UserInputError(f"{path}: cannot read the recipe ({e.strerror})") from None
+    text = read_text(path, "recipe")
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
