@@ -281,6 +281,9 @@ def finetune(recipe: Recipe, out: Path, *, work_dir: Path | None = None, resume:
         shutil.rmtree(work_dir, ignore_errors=True)
     if world > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()
+        # Left alive, gloo's threads are torn down at interpreter exit and a rank can die with SIGABRT
+        # ("terminate called without an active exception"), failing the whole torchrun (measured, flaky).
+        torch.distributed.destroy_process_group()
     return FinetuneResult(out, metrics)
 
 
