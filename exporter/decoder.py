@@ -104,8 +104,8 @@ def torch_step(wrapper, dio: DecoderIO):
     return step
 
 
-def export_decoder(wrapper, dio: DecoderIO, path: Path, opset: int) -> OnnxArtifact:
-    import onnx
+def decoder_example(dio: DecoderIO) -> tuple[list, list]:
+    """Example inputs for tracing (past of 4, 3 new tokens, batch 2) and their dynamic axes, in input order."""
     import torch
 
     batch, seq = 2, 3
@@ -120,6 +120,14 @@ def export_decoder(wrapper, dio: DecoderIO, path: Path, opset: int) -> OnnxArtif
     if dio.uses_position_ids:
         shapes.append({0: b, 1: s})
     shapes += [{0: b, 2: p} for _ in dio.past_names]
+    return example, shapes
+
+
+def export_decoder(wrapper, dio: DecoderIO, path: Path, opset: int) -> OnnxArtifact:
+    import onnx
+    import torch
+
+    example, shapes = decoder_example(dio)
     n_bytes = sum(x.numel() * x.element_size() for x in wrapper.parameters())
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")

@@ -431,13 +431,7 @@ def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Pat
 
     manifest: dict[str, Any] = {
         **_manifest_head(spec, task, base, adapter, num_parameters),
-        "labels": list(labels) if labels else None,
-        "inputs": [{"name": n, "dtype": "int64", "axes": ["batch", "sequence"]} for n in names],
-        "outputs": [{"name": o.name, "dtype": "float32", "axes": list(o.axes), "is_logits": o.is_logits}
-                    for o in task.outputs],
-        "pooling": pooling,
-        "tokenizer": None if tok is None else {"file": "tokenizer.json", "max_length": max_length,
-                                               "pad_id": tok.pad_token_id, "pad_token": tok.pad_token},
+        **_encoder_fields(task, names, labels, pooling, tok, max_length),
         **_manifest_tail(spec, artifacts, thresholds_for, effect, required, meaningful),
     }
     results = stages.run("verify", "checking parity with onnxruntime",
@@ -448,6 +442,63 @@ def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Pat
                                   staging, artifacts, eval_set, torch_metrics, spec.task_eval, results)
     return _finish(staging, spec, modes, manifest, results, warnings, stages, task, artifacts, task_metrics,
                    adapter)
+
+
+def _encoder_fields(task, names: tuple[str, ...], labels, pooling, tok, max_length: int) -> dict[str, Any]:
+    """The manifest's description of an encoder graph: labels, inputs, outputs, pooling, tokenizer."""
+    return {
+        "labels": list(labels) if labels else None,
+        "inputs": [{"name": n, "dtype": "int64", "axes": ["batch", "sequence"]} for n in names],
+        "outputs": [{"name": o.name, "dtype": "float32", "axes": list(o.axes), "is_logits": o.is_logits}
+                    for o in task.outputs],
+        "pooling": pooling,
+        "tokenizer": None if tok is None else {"file": "tokenizer.json", "max_length": max_length,
+                                               "pad_id": tok.pad_token_id, "pad_token": tok.pad_token},
+    }
+
+
+def _decoder_fields(dio, tok, max_length: int, positions: int, eos_ids: list[int]) -> dict[str, Any]:
+    """The manifest's description of a KV-cache decoder graph and what generate needs."""
+    chat_template = getattr(tok, "chat_template", None)
+    return {
+        "family": "decoder",
+        "labels": None,
+        "decoder": dio.to_json(),
+        "inputs": [{"name": n, "dtype": "float32" if n.startswith("past") else "int64",
+                    "axes": (["batch", "num_kv_heads", "past_sequence", "head_dim"] if n.startswith("past") else
+                             ["batch", "total_sequence"] if n == "attention_mask" else ["batch", "sequence"])}
+                   for n in dio.input_names],
+        "outputs": [{"name": n, "dtype": "float32", "is_logits": n == "logits",
+                     "axes": ["batch", "sequence", "vocab"] if n == "logits" else
+                     ["batch", "num_kv_heads", "total_sequence", "head_dim"]} for n in dio.output_names],
+        "pooling": None,
+        "tokenizer": {"file": "tokenizer.json", "max_length": max_length, "pad_id": tok.pad_token_id,
+                      "pad_token": tok.pad_token, "padding_side": "left"},
+        "generation": {"eos_token_ids": eos_ids, "context_length": int(positions),
+                       "chat_template": chat_template if isinstance(chat_template, str) else None,
+                       "bos_token": tok.bos_token, "eos_token": tok.eos_token},
+    }
+
+
+def eos_token_ids(config, tok) -> list[int]:
+    eos = config.eos_token_id
+    return sorted({eos} if isinstance(eos, int) else set(eos or [])) or (
+        [tok.eos_token_id] if tok.eos_token_id is not None else [])
+
+
+def choose_prompts(step, dio, fast_tok, names: tuple[str, ...], singles: list[dict]):
+    """Keep the prompts whose greedy path is least tied (random test models have near-ties), then add one
+    left-padded batch of them all; returns (chosen, batches, feeds, greedy runs)."""
+    from .generation import greedy
+    from .probes import GREEDY_TOKENS, PROBE_PROMPTS, encode
+
+    alone = [greedy(step, dio, f["input_ids"], f["attention_mask"], GREEDY_TOKENS) for f in singles]
+    order = sorted(range(len(alone)), key=lambda i: -float(alone[i].margins.min()))[:4]
+    chosen = sorted(order)
+    batches = [(i,) for i in chosen] + [tuple(chosen)]
+    feeds = [encode(fast_tok, [PROBE_PROMPTS[i] for i in b], names) for b in batches]
+    runs = [greedy(step, dio, f["input_ids"], f["attention_mask"], GREEDY_TOKENS) for f in feeds]
+    return chosen, batches, feeds, runs
 
 
 def _manifest_head(spec: ExportSpec, task, base, adapter, num_parameters: int) -> dict[str, Any]:
@@ -577,7 +628,6 @@ def _build_decoder(spec, modes, stages: _Stages, adapter, base, arch, task, stag
     import numpy as np
 
     from .decoder import conv1d_to_linear, decoder_io, export_decoder, make_decoder_wrapper, torch_step
-    from .generation import greedy
     from .merge import apply_adapter, load_base_model, merge
     from .probes import GREEDY_TOKENS, PROBE_PROMPTS, encode, load_tokenizer, save_arrays
     from .quantize import quantize
@@ -612,19 +662,8 @@ def _build_decoder(spec, modes, stages: _Stages, adapter, base, arch, task, stag
     dio = decoder_io(merged)
     wrapper = make_decoder_wrapper(merged, dio)
 
-    def reference_runs(step):
-        # Keep the prompts whose greedy path is least tied (random test models have near-ties), then add
-        # one left-padded batch of them all.
-        alone = [greedy(step, dio, f["input_ids"], f["attention_mask"], GREEDY_TOKENS) for f in singles]
-        order = sorted(range(len(alone)), key=lambda i: -float(alone[i].margins.min()))[:4]
-        chosen = sorted(order)
-        batches = [(i,) for i in chosen] + [tuple(chosen)]
-        feeds = [encode(fast_tok, [PROBE_PROMPTS[i] for i in b], names) for b in batches]
-        runs = [greedy(step, dio, f["input_ids"], f["attention_mask"], GREEDY_TOKENS) for f in feeds]
-        return chosen, batches, feeds, runs
-
     chosen, batches, feeds, runs = stages.run("reference", "computing PyTorch reference (greedy generation)",
-                                              reference_runs, torch_step(wrapper, dio))
+                                              choose_prompts, torch_step(wrapper, dio), dio, fast_tok, names, singles)
     merged_singles = [runs[k].prefill_logits for k in range(len(chosen))]
     effect = {"logits": float(max(np.abs(m - base_logits[i]).max() for m, i in zip(merged_singles, chosen)))}
     required = ADAPTER_EFFECT_FACTOR * FP32_ATOL
@@ -637,9 +676,7 @@ def _build_decoder(spec, modes, stages: _Stages, adapter, base, arch, task, stag
                       staging / "model.onnx", spec.opset)
     merged.config.to_json_file(str(staging / "config.json"))
     num_parameters = sum(p.numel() for p in merged.parameters())
-    eos = merged.config.eos_token_id
-    eos_ids = sorted({eos} if isinstance(eos, int) else set(eos or [])) or (
-        [tok.eos_token_id] if tok.eos_token_id is not None else [])
+    eos_ids = eos_token_ids(merged.config, tok)
     # Free the torch model before onnxruntime sessions and quantizers load: peak memory is the max, not the sum.
     del merged, wrapper
     gc.collect()
@@ -657,25 +694,9 @@ def _build_decoder(spec, modes, stages: _Stages, adapter, base, arch, task, stag
     save_arrays(staging / OUTPUTS_NPZ, [{"logits": r.prefill_logits.astype(np.float32), "tokens": r.tokens,
                                          "margins": r.margins.astype(np.float32)} for r in runs])
     _copy_base_docs(base, staging)
-    chat_template = getattr(tok, "chat_template", None)
     manifest: dict[str, Any] = {
         **_manifest_head(spec, task, base, adapter, num_parameters),
-        "family": "decoder",
-        "labels": None,
-        "decoder": dio.to_json(),
-        "inputs": [{"name": n, "dtype": "float32" if n.startswith("past") else "int64",
-                    "axes": (["batch", "num_kv_heads", "past_sequence", "head_dim"] if n.startswith("past") else
-                             ["batch", "total_sequence"] if n == "attention_mask" else ["batch", "sequence"])}
-                   for n in dio.input_names],
-        "outputs": [{"name": n, "dtype": "float32", "is_logits": n == "logits",
-                     "axes": ["batch", "sequence", "vocab"] if n == "logits" else
-                     ["batch", "num_kv_heads", "total_sequence", "head_dim"]} for n in dio.output_names],
-        "pooling": None,
-        "tokenizer": {"file": "tokenizer.json", "max_length": max_length, "pad_id": tok.pad_token_id,
-                      "pad_token": tok.pad_token, "padding_side": "left"},
-        "generation": {"eos_token_ids": eos_ids, "context_length": int(positions),
-                       "chat_template": chat_template if isinstance(chat_template, str) else None,
-                       "bos_token": tok.bos_token, "eos_token": tok.eos_token},
+        **_decoder_fields(dio, tok, max_length, positions, eos_ids),
         **_manifest_tail(spec, artifacts, decoder_thresholds_for, effect, required, meaningful),
     }
     results = stages.run("verify", "checking parity with onnxruntime (logits and greedy tokens)",
