@@ -64,15 +64,19 @@ def cli() -> None:
     """Take a LoRA-fine-tuned Hugging Face model to a verified ONNX bundle, and check or run bundles.
 
     \b
-    Full toolkit (torch):      run, finetune, export, recipe
+    Full toolkit (torch):      run, finetune, export, add-adapter, recipe
     Device profile (no torch): verify, infer, generate, inspect
     Exit codes: 0 ok, 1 error, 2 usage, 3 parity/verification failed, 130/143 interrupted.
     """
 
 
 @cli.command()
-@click.option("--adapter", "adapter", required=True, type=click.Path(path_type=Path),
-              help="peft adapter folder (adapter_config.json + adapter_model.safetensors).")
+@click.option("--adapter", "adapters", required=True, multiple=True,
+              help="peft adapter folder (adapter_config.json + adapter_model.safetensors). With --keep-adapters: "
+                   "repeatable, as PATH or NAME=PATH (NAME defaults to the folder's name).")
+@click.option("--keep-adapters", is_flag=True,
+              help="Keep LoRA swappable instead of merging: one base graph with LoRA inputs plus "
+                   "adapters/NAME.onnx_adapter per adapter, activated at run time (infer/generate --adapter).")
 @click.option("--base", default=None,
               help="Base model: a local folder, a hub id, or embedded:all-MiniLM-L6-v2. "
                    "Default: base_model_name_or_path recorded in the adapter.")
@@ -103,20 +107,29 @@ def cli() -> None:
               help="Export a base that ships no tokenizer (encoders): probes become synthetic token ids.")
 @click.option("--json", "as_json", is_flag=True, help="Print the Report (same object as parity.json) on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
-def export(adapter: Path, base: str | None, revision: str | None, out: Path, task: str | None, labels: str | None,
+def export(adapters: tuple[str, ...], keep_adapters: bool, base: str | None, revision: str | None, out: Path, task: str | None, labels: str | None,
            quantize: tuple[str, ...], int4_block_size: str, int4_embedding: bool, opset: int, max_length: int, overwrite: bool, allow_pickle: bool,
            trust_remote_code: bool, no_tokenizer: bool, as_json: bool, quiet: bool) -> None:
     """Merge a LoRA adapter into its base, export to ONNX, quantize, and prove parity with PyTorch.
 
     Writes OUT only when every variant passes its gate; otherwise exits 3 and keeps the diagnostics in
     OUT.rejected. The fp32 model is always produced: it is the reference for the others.
+
+    With --keep-adapters the adapters stay swappable: the base graph takes every LoRA A/B pair as an input
+    (zero by default, so no adapter = the base model) and each adapter is checked against its own merged
+    PyTorch model, on every variant, and with switching between adapters in one session.
     """
     from .pipeline import ExportSpec, run_pipeline
+    from .swap_build import parse_adapter_arg
 
     if max_length < 8:
         raise click.BadParameter("must be at least 8", param_hint="--max-length")
+    if len(adapters) > 1 and not keep_adapters:
+        raise click.UsageError("several --adapter options need --keep-adapters (a merged export takes one adapter)")
+    pairs = tuple(parse_adapter_arg(a) for a in adapters) if keep_adapters else ((None, Path(adapters[0])),)
     spec = ExportSpec(
-        adapter=adapter, out=out, base=base, revision=revision, task=task,
+        adapter=pairs[0][1], out=out, keep_adapters=keep_adapters,
+        adapters=tuple((n, p) for n, p in pairs if n is not None), base=base, revision=revision, task=task,
         labels=tuple(x.strip() for x in labels.split(",")) if labels else None,
         quantize=quantize or ("int8",), opset=opset, overwrite=overwrite, allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code, max_length=max_length, int4_block_size=int(int4_block_size),
@@ -148,6 +161,13 @@ def _print_summary(report: dict[str, Any], out: Path) -> None:
         cos = min((m["cosine_min"] for m in r["outputs"].values()), default=float("nan"))
         click.echo(f"  {name:5s} {'PASS' if r['passed'] else 'FAIL'}  max abs diff {worst:.2e}  "
                    f"min cosine {cos:.6f}  {size}")
+        for adapter, a in (r.get("adapters") or {}).items():
+            worst = max((m["max_abs_diff"] for m in a["outputs"].values()), default=float("nan"))
+            click.echo(f"        adapter {adapter}: {'PASS' if a['passed'] else 'FAIL'}  max abs diff {worst:.2e}")
+        if "switching" in r:
+            sw = r["switching"]
+            click.echo(f"        switching {sw['configurations']} configurations: {'PASS' if sw['passed'] else 'FAIL'}  "
+                       f"max abs diff {sw['max_abs_diff']:.2e}")
         for f in r["failures"]:
             click.echo(f"        {f}")
     tm = report.get("task_metrics")
@@ -157,6 +177,33 @@ def _print_summary(report: dict[str, Any], out: Path) -> None:
                    f"(max drop {tm['max_drop']})")
     for w in report.get("warnings") or []:
         click.echo(f"warning: {w}", err=True)
+
+
+@cli.command("add-adapter")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--adapter", "adapter", required=True,
+              help="peft adapter folder to add, as PATH or NAME=PATH (NAME defaults to the folder's name).")
+@click.option("--base", default=None,
+              help="Base model folder or hub id. Default: the bundle's base (needed when it was a local folder).")
+@click.option("--allow-pickle", is_flag=True,
+              help="Accept a pickle-only adapter (adapter_model.bin), loaded with weights_only=True.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow a base whose code lives in its hub repo.")
+@click.option("--json", "as_json", is_flag=True, help="Print the updated Report on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+def add_adapter_cmd(bundle: Path, adapter: str, base: str | None, allow_pickle: bool, trust_remote_code: bool,
+                    as_json: bool, quiet: bool) -> None:
+    """Convert one more peft adapter for a bundle exported with --keep-adapters (no base re-export).
+
+    Refuses an adapter trained for another base or targeting modules the graph does not expose. The bundle is
+    updated with the same staged, atomic publish as export: on any failure it is left untouched.
+    """
+    from .pipeline import Report
+    from .swap_build import add_adapter, parse_adapter_arg
+
+    name, path = parse_adapter_arg(adapter)
+    _show_report(lambda: Report(add_adapter(bundle, path, name, base=base, allow_pickle=allow_pickle,
+                                            trust_remote_code=trust_remote_code, progress=_progress(quiet))),
+                 bundle, as_json)
 
 
 @cli.command()
@@ -328,18 +375,20 @@ def _read_inputs(texts: tuple[str, ...], input_file: Path | None) -> list[str]:
 @click.option("--input", "input_file", type=click.Path(path_type=Path),
               help="JSON Lines file: one string or {\"text\": ...} per line.")
 @click.option("--variant", default=None, help="Variant to run. Default: the bundle's default (int8 when it passed).")
+@click.option("--adapter", default=None,
+              help="Swappable adapter to activate (bundles exported with --keep-adapters). Default: none (the base).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON on stdout.")
-def infer(bundle: Path, texts: tuple[str, ...], input_file: Path | None, variant: str | None,
+def infer(bundle: Path, texts: tuple[str, ...], input_file: Path | None, variant: str | None, adapter: str | None,
           threads: int | None, as_json: bool) -> None:
     """Run a bundle on texts, without torch: labels with scores, token labels, or embeddings."""
     from .runtime import BundleModel
 
     inputs = _read_inputs(texts, input_file)
-    model = BundleModel(bundle, variant, threads=threads)
+    model = BundleModel(bundle, variant, threads=threads, adapter=adapter)
     results = model.infer(inputs)
     if as_json:
-        _emit_json({"variant": model.variant, "task": model.task, "results": results})
+        _emit_json({"variant": model.variant, "adapter": model.adapter, "task": model.task, "results": results})
         return
     for r in results:
         if "label" in r:
@@ -365,13 +414,15 @@ def infer(bundle: Path, texts: tuple[str, ...], input_file: Path | None, variant
 @click.option("--seed", type=int, default=None, help="Seed for sampling.")
 @click.option("--stop", "stop", multiple=True, help="Stop string; repeatable.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template (needs jinja2).")
+@click.option("--adapter", default=None,
+              help="Swappable adapter to activate (bundles exported with --keep-adapters). Default: none (the base).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
 def generate(bundle: Path, prompt: str, max_new_tokens: int, variant: str | None, temperature: float, top_p: float,
-             seed: int | None, stop: tuple[str, ...], chat: bool, threads: int | None) -> None:
+             seed: int | None, stop: tuple[str, ...], chat: bool, adapter: str | None, threads: int | None) -> None:
     """Generate text with a decoder bundle, without torch, streaming tokens to stdout (KV cache)."""
     from .runtime import BundleGenerator
 
-    gen = BundleGenerator(bundle, variant, threads=threads)
+    gen = BundleGenerator(bundle, variant, threads=threads, adapter=adapter)
     for piece in gen.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                             seed=seed, stop=list(stop), chat=chat):
         click.echo(piece, nl=False)

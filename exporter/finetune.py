@@ -17,7 +17,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,8 @@ class TaskData:
     train: list[dict[str, Any]]
     eval: list[dict[str, Any]]
     labels: list[str] | None
+    # Held out of train to choose the checkpoint (training.select_best); empty otherwise.
+    validation: list[dict[str, Any]] = field(default_factory=list)
 
 
 def load_task_data(recipe: Recipe) -> TaskData:
@@ -79,7 +81,11 @@ def load_task_data(recipe: Recipe) -> TaskData:
         seen = sorted({t for r in train for t in r[d.label_column]}, key=lambda t: (t != "O", t[2:], t))
         labels = d.labels or seen
         _check_labels(labels, {t for r in train + eval_rows for t in r[d.label_column]}, recipe)
-    return TaskData(train, eval_rows, labels)
+    validation: list[dict[str, Any]] = []
+    if recipe.training.select_best:
+        # A different seed from the eval split's so the two hold-outs are not the same rows.
+        train, validation = split_rows(train, recipe.training.validation_fraction, recipe.training.seed + 1)
+    return TaskData(train, eval_rows, labels, validation)
 
 
 def _check_labels(labels: list[str], used: set[str], recipe: Recipe) -> None:
@@ -233,11 +239,17 @@ def finetune(recipe: Recipe, out: Path, *, work_dir: Path | None = None, resume:
     peft_model = get_peft_model(model, lora_config(recipe, base.model_type))
     train_set = encode_rows(recipe, data.train, tok, data.labels)
     eval_set = encode_rows(recipe, data.eval, tok, data.labels)
+    # With select_best the Trainer scores checkpoints on the validation rows; eval is only reported.
+    watch_set = encode_rows(recipe, data.validation, tok, data.labels) if data.validation else eval_set
     collator = {"text-classification": DataCollatorWithPadding(tok),
                 "token-classification": DataCollatorForTokenClassification(tok)}.get(recipe.task,
                                                                                     _SFTCollator(tok.pad_token_id))
     t = recipe.training
     strategy = "steps" if t.eval_steps else ("epoch" if t.max_steps is None else "no")
+    if t.select_best and strategy == "no":
+        raise UserInputError("training.select_best needs checkpoints to choose from: with max_steps set, "
+                             "also set training.eval_steps")
+    best_metric = {"text-classification": "accuracy", "token-classification": "f1"}.get(recipe.task, "loss")
     args = TrainingArguments(
         output_dir=str(work_dir), per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=32,
         num_train_epochs=t.epochs, max_steps=t.max_steps or -1, learning_rate=t.learning_rate,
@@ -245,9 +257,11 @@ def finetune(recipe: Recipe, out: Path, *, work_dir: Path | None = None, resume:
         eval_strategy=strategy, save_strategy=strategy, eval_steps=t.eval_steps, save_steps=t.eval_steps,
         save_total_limit=2, logging_steps=max(1, t.eval_steps or 10), report_to=[], use_cpu=True,
         dataloader_num_workers=0, disable_tqdm=quiet, ddp_backend="gloo" if world > 1 else None,
-        remove_unused_columns=False,
+        remove_unused_columns=False, load_best_model_at_end=t.select_best,
+        metric_for_best_model=best_metric if t.select_best else None,
+        greater_is_better=best_metric != "loss" if t.select_best else None,
     )
-    trainer = Trainer(model=peft_model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+    trainer = Trainer(model=peft_model, args=args, train_dataset=train_set, eval_dataset=watch_set,
                       data_collator=collator, compute_metrics=_metrics_fn(recipe.task, data.labels),
                       callbacks=callbacks)
     if quiet:
@@ -258,7 +272,8 @@ def finetune(recipe: Recipe, out: Path, *, work_dir: Path | None = None, resume:
     # The Trainer prints its log lines on stdout, which belongs to our results.
     with contextlib.redirect_stdout(sys.stderr):
         train_out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        final_eval = trainer.evaluate()
+        final_eval = trainer.evaluate(eval_set)
+        validation = trainer.evaluate(watch_set, metric_key_prefix="validation") if data.validation else None
     digest = _adapter_digest(peft_model)
     digests = [digest]
     if world > 1 and torch.distributed.is_initialized():
@@ -267,7 +282,10 @@ def finetune(recipe: Recipe, out: Path, *, work_dir: Path | None = None, resume:
         digests = gathered
     metrics = {
         "task": recipe.task, "base": recipe.base, "labels": data.labels,
-        "train_rows": len(data.train), "eval_rows": len(data.eval),
+        "train_rows": len(data.train), "eval_rows": len(data.eval), "validation_rows": len(data.validation),
+        "best_checkpoint": Path(trainer.state.best_model_checkpoint).name if t.select_best
+        and trainer.state.best_model_checkpoint else None,
+        "validation": {k.removeprefix("validation_"): v for k, v in validation.items()} if validation else None,
         "global_step": train_out.global_step, "train_loss": train_out.training_loss,
         "eval": {k.removeprefix("eval_"): v for k, v in final_eval.items()},
         "resumed_from": checkpoint.name if checkpoint else None,

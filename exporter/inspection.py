@@ -53,7 +53,13 @@ def inspect_path(path: Path) -> dict[str, Any]:
             "task": m["task"],
             "base": m["base"]["name"],
             "labels": ", ".join(m["labels"]) if m.get("labels") else None,
-            "adapter": {k: m["adapter"][k] for k in ("name", "peft_type", "rank", "alpha", "target_modules")},
+            "adapter": ({k: m["adapter"][k] for k in ("name", "peft_type", "rank", "alpha", "target_modules")}
+                        if m.get("adapter") else None),
+            **({"adapters": {
+                name: f"{e['file']} (rank {e['rank'] if e['rank'] is not None else 'mixed'}, "
+                      f"{len(e['target_modules'])} modules" + (f", labels {', '.join(e['labels'])}" if e.get("labels")
+                                                               else "") + ")"
+                for name, e in m["adapters"]["items"].items()}} if m.get("adapters") else {}),
             "opset": m["opset"],
             "min_onnxruntime": m["min_onnxruntime"],
             "default_variant": m.get("default_variant"),

@@ -96,7 +96,7 @@ class AdapterRef:
 
     @property
     def modules_to_save(self) -> list[str]:
-        return sorted(self.config.get("modules_to_save") or [])
+        return sorted(set(self.config.get("modules_to_save") or []))
 
     @property
     def task_type(self) -> str | None:

@@ -37,7 +37,7 @@ from .bundle import (
     write_json,
     write_manifest,
 )
-from .errors import ExporterError, ParityError, UserInputError, require_full
+from .errors import ExporterError, MismatchError, ParityError, UserInputError, require_full
 from .export import DEFAULT_OPSET, MIN_ORT_FOR_OPSET
 from .probes import DEFAULT_MAX_LENGTH, PROBE_TEXTS
 from .quantize import QUANTIZE_MODES
@@ -73,6 +73,10 @@ class ExportSpec:
     int4_embedding: bool = False
     no_tokenizer: bool = False  # export a base that ships no tokenizer; probes are synthetic token ids
     training: dict[str, Any] | None = field(default=None, repr=False)  # from `run`: fine-tuning summary
+    # --keep-adapters: (name, folder) of every adapter; the graph keeps LoRA as inputs, adapters become
+    # adapters/NAME.onnx_adapter files. ``adapter`` is then the first of them.
+    adapters: tuple[tuple[str, Path], ...] = ()
+    keep_adapters: bool = False
 
     def recorded(self) -> dict[str, Any]:
         """The effective settings as written into the bundle: no machine paths, no eval data."""
@@ -82,6 +86,7 @@ class ExportSpec:
         d.pop("training")
         d["task_eval_rows"] = len(self.task_eval.rows) if self.task_eval else None
         d["adapter"] = Path(self.adapter).resolve().name
+        d["adapters"] = [name for name, _ in self.adapters]
         d["out"] = Path(self.out).name
         d["labels"] = list(self.labels) if self.labels else None
         d["quantize"] = list(self.quantize)
@@ -155,6 +160,11 @@ def run_pipeline(spec: ExportSpec, progress: Progress | None = None) -> Report:
         raise UserInputError(f"-o {out}: must not be the adapter folder or inside it; choose another folder")
     check_out(out, spec.overwrite)
     stages = _Stages(progress)
+    if spec.keep_adapters:
+        return _run_swappable(spec, modes, stages, out)
+    if spec.adapters and len(spec.adapters) > 1:
+        raise UserInputError("several --adapter options need --keep-adapters (one graph, swappable adapters); "
+                             "a merged export takes one adapter")
     adapter = stages.run("inspect", "inspecting adapter", lambda: inspect_adapter(Path(spec.adapter), spec.allow_pickle))
     base = resolve_base(spec.base, adapter, spec.revision)
     check_architecture(base, spec.trust_remote_code)
@@ -183,6 +193,55 @@ def run_pipeline(spec: ExportSpec, progress: Progress | None = None) -> Report:
                     f"diagnostics are in {rejected}{hint}",
                     report,
                 )
+        except OSError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise _disk_error(e, out) from None
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return Report(report)
+
+
+def _run_swappable(spec: ExportSpec, modes: tuple[str, ...], stages: _Stages, out: Path) -> Report:
+    """export --keep-adapters: check every adapter fits one base and one task, then build and publish."""
+    from .loading import check_architecture, inspect_adapter, public_base_name, resolve_base
+    from .swap_build import build_swappable
+    from .tasks import get_arch, get_task
+
+    pairs = list(spec.adapters) or [(Path(spec.adapter).resolve().name, Path(spec.adapter))]
+    seen: set[str] = set()
+    for name, _ in pairs:
+        if name in seen:
+            raise UserInputError(f"two adapters are named {name}; name them with --adapter NAME=PATH")
+        seen.add(name)
+    adapters = [(name, stages.run(f"inspect_{name}", f"inspecting adapter {name}", inspect_adapter, Path(path),
+                                  spec.allow_pickle)) for name, path in pairs]
+    base = resolve_base(spec.base, adapters[0][1], spec.revision)
+    for name, ref in adapters:
+        recorded = public_base_name(ref.recorded_base)
+        if spec.base is None and recorded and recorded != base.name:
+            raise MismatchError(f"adapter {name} was trained for {recorded}, adapter {adapters[0][0]} for {base.name}; "
+                                "swappable adapters share one base")
+    check_architecture(base, spec.trust_remote_code)
+    arch = get_arch(base.model_type)
+    tasks = {name: _choose_task(spec, ref, base) for name, ref in adapters}
+    if len(set(tasks.values())) > 1:
+        raise MismatchError("the adapters are for different tasks (" + ", ".join(f"{n}: {t}" for n, t in tasks.items())
+                            + "); one bundle serves one task")
+    task = get_task(next(iter(tasks.values())))
+    if "int4" in modes and task.name != "text-generation":
+        raise UserInputError("--quantize int4 is for text-generation models; use int8 or fp16 for encoders")
+    check_free_space(base, modes, out)
+    with output_lock(out), quiet_libraries():
+        staging = make_staging(out)
+        try:
+            report = build_swappable(spec, modes, stages, adapters, base, arch, task, staging)
+            if report["passed"]:
+                publish(staging, out, spec.overwrite)
+            else:
+                rejected = reject(staging, out)
+                raise ParityError(f"parity gate failed ({'; '.join(_first_failures(report))}); nothing was written "
+                                  f"to {out}, diagnostics are in {rejected}", report)
         except OSError as e:
             shutil.rmtree(staging, ignore_errors=True)
             raise _disk_error(e, out) from None
@@ -546,7 +605,8 @@ def _copy_base_docs(base, staging: Path) -> None:
 
 
 def _finish(staging: Path, spec, modes, manifest: dict[str, Any], results: dict, warnings: list[str],
-            stages: _Stages, task, artifacts: dict, task_metrics: dict | None, adapter=None) -> dict[str, Any]:
+            stages: _Stages, task, artifacts: dict, task_metrics: dict | None, adapter=None,
+            extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Verdicts into the manifest, the Report into parity.json/parity.md, hashes last."""
     passed = all(r["passed"] for r in results.values())
     for name, r in results.items():
@@ -572,6 +632,7 @@ def _finish(staging: Path, spec, modes, manifest: dict[str, Any], results: dict,
         "training": spec.training,
         "sizes": {name: sum((staging / f).stat().st_size for f in [a.path.name, *[d.name for d in a.data_files]])
                   for name, a in artifacts.items()},
+        **(extra or {}),
     }
     manifest["task_metrics"] = task_metrics
     if spec.recipe_yaml:

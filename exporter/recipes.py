@@ -54,6 +54,10 @@ class TrainingSpec(_Strict):
     seed: int = 0
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps; default: every epoch.")
     max_length: int = Field(128, ge=8, description="Longest training sequence in tokens.")
+    select_best: bool = Field(
+        False, description="Keep the checkpoint that scores best on a validation split held out of train "
+        "(validation_fraction), not the last one; the eval set is never used to choose.")
+    validation_fraction: float = Field(0.1, gt=0, lt=1, description="Share of train held out when select_best.")
 
 
 class ExportSettings(_Strict):

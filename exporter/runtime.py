@@ -21,6 +21,9 @@ def make_session(path: Path, providers: list[str] | None = None, threads: int | 
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    # Errors only: a graph with swappable adapters warns once per adapter input that its default initializer
+    # "appears in graph inputs" (intended: that is what lets an adapter override it).
+    opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
     available = ort.get_available_providers()
@@ -52,6 +55,15 @@ def text_input_names(manifest: dict[str, Any]) -> tuple[str, ...]:
     return tuple(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in names)
 
 
+def _activate(root: Path, manifest: dict[str, Any], adapter: str | None):
+    """The checked, loaded adapter (kept alive with its RunOptions for the model's lifetime), or None."""
+    if adapter is None:
+        return None
+    from .swappable import ActiveAdapters
+
+    return ActiveAdapters(root, manifest, [adapter])
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
@@ -62,7 +74,7 @@ class BundleModel:
 
     def __init__(
         self, root: Path | str, variant: str | None = None, providers: list[str] | None = None,
-        threads: int | None = None,
+        threads: int | None = None, adapter: str | None = None,
     ) -> None:
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
@@ -71,7 +83,15 @@ class BundleModel:
         if self.variant not in variants:
             raise UserInputError(f"{self.root}: no variant {self.variant!r}; this bundle has {', '.join(variants)}")
         self.task = self.manifest["task"]
+        self.adapter = adapter
+        self._active = _activate(self.root, self.manifest, adapter)
         self.labels = self.manifest.get("labels")
+        if adapter is not None:
+            self.labels = self.manifest["adapters"]["items"][adapter].get("labels") or self.labels
+        elif self.manifest.get("adapters") and self.task in ("text-classification", "token-classification"):
+            names = ", ".join(self.manifest["adapters"]["items"])
+            raise UserInputError(f"{self.root}: the base has no trained head; choose an adapter with --adapter "
+                                 f"({names})")
         self.input_names = tuple(i["name"] for i in self.manifest["inputs"])
         self.output_names = tuple(o["name"] for o in self.manifest["outputs"])
         self.tokenizer = bundle_tokenizer(self.root, self.manifest) if self.manifest.get("tokenizer") else None
@@ -84,7 +104,8 @@ class BundleModel:
         return encode(self.tokenizer, texts, self.input_names)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.output_names, self.session.run(list(self.output_names), feeds)))
+        options = self._active.run_options if self._active else None
+        return dict(zip(self.output_names, self.session.run(list(self.output_names), feeds, options)))
 
     def infer(self, texts: list[str]) -> list[dict[str, Any]]:
         if not texts:
@@ -125,7 +146,7 @@ class BundleGenerator:
     """
 
     def __init__(self, root: Path | str, variant: str | None = None, providers: list[str] | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, adapter: str | None = None) -> None:
         from .generation import DecoderIO
 
         self.root = Path(root)
@@ -140,11 +161,14 @@ class BundleGenerator:
         self.gen = self.manifest["generation"]
         self.tokenizer = bundle_tokenizer(self.root, self.manifest)
         self.tokenizer.no_padding()
+        self.adapter = adapter
+        self._active = _activate(self.root, self.manifest, adapter)
         self.session = make_session(self.root / variants[self.variant]["file"], providers, threads)
 
     def step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = list(self.io.output_names)
-        return dict(zip(names, self.session.run(names, {n: feeds[n] for n in self.io.input_names})))
+        options = self._active.run_options if self._active else None
+        return dict(zip(names, self.session.run(names, {n: feeds[n] for n in self.io.input_names}, options)))
 
     def apply_chat_template(self, prompt: str) -> str:
         template = self.gen.get("chat_template")

@@ -48,19 +48,6 @@ _OUTPUT_METRICS = {
     },
 }
 
-_VARIANT_RESULT = {
-    "type": "object",
-    "required": ["file", "passed", "thresholds", "outputs", "failures"],
-    "properties": {
-        "file": {"type": "string"},
-        "passed": {"type": "boolean"},
-        "thresholds": _THRESHOLDS,
-        "outputs": {"type": "object", "additionalProperties": _OUTPUT_METRICS},
-        "failures": {"type": "array", "items": {"type": "string"},
-                     "description": "one line per missed gate, naming the output and the numbers"},
-    },
-}
-
 _ADAPTER = {
     "type": "object",
     "required": ["name", "peft_type", "rank", "alpha", "target_modules", "sha256"],
@@ -73,6 +60,80 @@ _ADAPTER = {
         "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}, "num_tensors": {"type": "integer"},
     },
 }
+
+_VARIANT_RESULT = {
+    "type": "object",
+    "required": ["file", "passed", "thresholds", "outputs", "failures"],
+    "properties": {
+        "file": {"type": "string"},
+        "passed": {"type": "boolean"},
+        "thresholds": _THRESHOLDS,
+        "outputs": {"type": "object", "additionalProperties": _OUTPUT_METRICS,
+                    "description": "per output; with swappable adapters: the base (no adapter active)"},
+        "failures": {"type": "array", "items": {"type": "string"},
+                     "description": "one line per missed gate, naming the output and the numbers"},
+        "adapters": {"type": "object", "description": "swappable adapters: each one active vs its merged PyTorch model",
+                     "additionalProperties": {
+                         "type": "object", "required": ["passed", "outputs", "failures"],
+                         "properties": {"passed": {"type": "boolean"},
+                                        "outputs": {"type": "object", "additionalProperties": _OUTPUT_METRICS},
+                                        "failures": {"type": "array", "items": {"type": "string"}}}}},
+        "switching": {"type": "object", "required": ["passed", "max_abs_diff", "configurations", "atol"],
+                      "description": "every configuration re-run in one session after the others: outputs unchanged",
+                      "properties": {"passed": {"type": "boolean"}, "max_abs_diff": {"type": "number"},
+                                     "configurations": {"type": "integer"}, "atol": {"type": "number"}}},
+    },
+}
+
+_LORA_PARAM = {"type": "object", "required": ["shape", "dtype"],
+               "properties": {"shape": {"type": "array", "items": {"type": "integer"}}, "dtype": {"const": "float32"}}}
+
+_ADAPTERS_SECTION = {
+    "type": "object",
+    "description": "bundles exported with --keep-adapters: the graph's adapter inputs and each adapter's contract",
+    "required": ["mode", "graph_sha256", "interface", "items"],
+    "properties": {
+        "mode": {"const": "swappable"},
+        "graph_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$",
+                         "description": "sha256 of the fp32 graph; every adapter records the graph it was made for"},
+        "interface": {
+            "type": "object", "required": ["lora_modules", "full_parameters"],
+            "properties": {
+                "lora_modules": {"type": "object", "description": "module -> in/out features and its two inputs "
+                                 "{module}.lora_A (in x rank) and {module}.lora_B (rank x out, scaling folded in)",
+                                 "additionalProperties": {
+                                     "type": "object", "required": ["in_features", "out_features", "inputs"],
+                                     "properties": {"in_features": {"type": "integer"},
+                                                    "out_features": {"type": "integer"},
+                                                    "inputs": {"type": "array", "items": {"type": "string"}}}}},
+                "full_parameters": {"type": "object", "additionalProperties": _LORA_PARAM,
+                                    "description": "whole tensors an adapter may replace (modules_to_save)"},
+            },
+        },
+        "items": {"type": "object", "additionalProperties": {
+            "type": "object",
+            "required": ["file", "source", "rank", "ranks", "scaling", "target_modules", "parameters",
+                         "base_graph_sha256", "labels", "reference"],
+            "properties": {
+                "file": {"type": "string"}, "source": _ADAPTER,
+                "rank": {"type": ["integer", "null"], "description": "null when modules have different ranks"},
+                "ranks": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "scaling": {"type": "object", "additionalProperties": {"type": "number"},
+                            "description": "alpha/r (alpha/sqrt(r) for rsLoRA) folded into lora_B, per module"},
+                "target_modules": {"type": "array", "items": {"type": "string"}},
+                "full_parameters": {"type": "array", "items": {"type": "string"}},
+                "parameters": {"type": "object", "additionalProperties": _LORA_PARAM},
+                "base_graph_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                "labels": {"type": ["array", "null"], "items": {"type": "string"}},
+                "reference": {"type": "string"},
+                "effect": {"type": "object"},
+            },
+        }},
+    },
+}
+
+_ADAPTERS_SUMMARY = {"type": "object", "description": "swappable adapters: a summary per adapter (the manifest "
+                     "holds the contract)", "additionalProperties": {"type": "object"}}
 
 _BASE = {
     "type": "object",
@@ -124,7 +185,8 @@ MANIFEST_SCHEMA: dict[str, Any] = {
         "task": {"enum": TASK_NAMES},
         "labels": {"type": ["array", "null"], "items": {"type": "string"}},
         "base": _BASE,
-        "adapter": _ADAPTER,
+        "adapter": {"oneOf": [_ADAPTER, {"type": "null"}], "description": "null with --keep-adapters (see adapters)"},
+        "adapters": _ADAPTERS_SECTION,
         "num_parameters": {"type": "integer"},
         "opset": {"type": "integer"},
         "min_onnxruntime": {"type": "string"},
@@ -179,13 +241,14 @@ REPORT_SCHEMA: dict[str, Any] = {
                  "warnings"],
     "properties": {
         "schema_version": {"const": SCHEMA_VERSION},
-        "command": {"enum": ["export", "verify"]},
+        "command": {"enum": ["export", "verify", "add-adapter"]},
         "tool_version": {"type": "string"},
         "passed": {"type": "boolean", "description": "true when integrity and every variant passed"},
         "bundle": {"type": ["string", "null"]},
         "task": {"enum": TASK_NAMES},
         "base": _BASE,
-        "adapter": _ADAPTER,
+        "adapter": {"oneOf": [_ADAPTER, {"type": "null"}]},
+        "adapters": _ADAPTERS_SUMMARY,
         "labels": {"type": ["array", "null"], "items": {"type": "string"}},
         "integrity": {"type": "object", "required": ["passed", "problems"],
                       "properties": {"passed": {"type": "boolean"},

@@ -33,6 +33,11 @@ INT8_ARGMAX_AGREEMENT = 1.0
 # ~0.15 x rms; a flip above 0.2 x rms is a real defect, one below is noise on a near-tie (reported, not gated).
 INT8_CLEAR_MARGIN_REL = 0.2
 
+# Swappable adapters: one session re-runs every configuration (base, each adapter) after the others; the
+# outputs must equal the first run's. onnxruntime on CPU is deterministic for a fixed graph and thread count
+# (measured 0.0 exactly); 1e-6 only absorbs reduction-order noise, a leaked adapter moves logits by >= 1e-3.
+SWITCH_ATOL = 1e-6
+
 # The adapter's own effect (max |merged - base| over the probes) must be at least this many times the
 # fp32 absolute tolerance, or the fp32 gate could not tell the adapter was dropped (warned, not gated).
 ADAPTER_EFFECT_FACTOR = 10.0

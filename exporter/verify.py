@@ -18,6 +18,7 @@ from .errors import BundleError, ExporterError
 from .parity import compare_variant
 from .probes import encode, load_arrays
 from .runtime import bundle_tokenizer, make_session, output_infos, text_input_names
+from .swappable import adapters_summary
 
 
 def load_reference(root: Path) -> tuple[dict, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
@@ -29,62 +30,131 @@ def load_reference(root: Path) -> tuple[dict, list[dict[str, np.ndarray]], list[
     return probes, load_arrays(root / INPUTS_NPZ, n), load_arrays(root / OUTPUTS_NPZ, n)
 
 
+class _EncoderRunner:
+    """Runs the stored probe batches through a session and judges them (encoders)."""
+
+    def __init__(self, manifest: dict[str, Any], inputs: list[dict[str, np.ndarray]]) -> None:
+        self.inputs = inputs
+        self.infos = output_infos(manifest)
+        self.output_names = [i.name for i in self.infos]
+        self.masks = [b["attention_mask"] for b in inputs]
+
+    def run(self, session, run_options=None) -> list[dict[str, np.ndarray]]:
+        return [dict(zip(self.output_names, session.run(self.output_names, feeds, run_options)))
+                for feeds in self.inputs]
+
+    def judge(self, outputs, reference, thresholds: dict) -> dict[str, Any]:
+        return compare_variant(outputs, reference, self.masks, self.infos, thresholds)
+
+    def arrays(self, outputs) -> list[np.ndarray]:
+        return [o[n] for o in outputs for n in self.output_names]
+
+
+class _DecoderRunner:
+    """Re-generates the stored prompts greedily through a session and judges logits and tokens (decoders)."""
+
+    def __init__(self, manifest: dict[str, Any], probes: dict, inputs: list[dict[str, np.ndarray]]) -> None:
+        from .generation import DecoderIO
+
+        self.inputs = inputs
+        self.dio = DecoderIO.from_json(manifest["decoder"])
+        self.n_new = int(probes["max_new_tokens"])
+
+    def run(self, session, run_options=None) -> list:
+        from .generation import greedy
+
+        names = list(self.dio.output_names)
+
+        def step(feeds):
+            return dict(zip(names, session.run(names, {n: feeds[n] for n in self.dio.input_names}, run_options)))
+
+        return [greedy(step, self.dio, b["input_ids"], b["attention_mask"], self.n_new) for b in self.inputs]
+
+    def judge(self, runs, reference, thresholds: dict) -> dict[str, Any]:
+        from .parity import compare_decoder
+
+        return compare_decoder([r.prefill_logits for r in runs], [r["logits"] for r in reference],
+                               [b["attention_mask"] for b in self.inputs], [r.tokens for r in runs],
+                               [r["tokens"] for r in reference], thresholds, [r["margins"] for r in reference])
+
+    def arrays(self, runs) -> list[np.ndarray]:
+        return [a for r in runs for a in (r.prefill_logits, r.tokens.astype(np.float64))]
+
+
+def _runner(root: Path, manifest: dict[str, Any]):
+    probes, inputs, reference = load_reference(root)
+    if manifest.get("family") == "decoder":
+        return _DecoderRunner(manifest, probes, inputs), reference
+    return _EncoderRunner(manifest, inputs), reference
+
+
 def evaluate_variants(
     root: Path, manifest: dict[str, Any], names: list[str], providers: list[str] | None = None,
-    threads: int | None = None,
+    threads: int | None = None, skip_adapters: dict[str, str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    if manifest.get("family") == "decoder":
-        return evaluate_decoder_variants(root, manifest, names, providers, threads)
-    _, inputs, reference = load_reference(root)
-    infos = output_infos(manifest)
-    masks = [b["attention_mask"] for b in inputs]
-    output_names = [i.name for i in infos]
+    """Each variant on the stored probes against the stored PyTorch reference (and, for a bundle with
+    swappable adapters, with each adapter active and switching between them)."""
+    runner, reference = _runner(root, manifest)
     results = {}
     for name in names:
         entry = manifest["variants"][name]
         try:
             session = make_session(root / entry["file"], providers, threads)
-            outputs = [dict(zip(output_names, session.run(output_names, feeds))) for feeds in inputs]
+            outputs = runner.run(session)
         except ExporterError as e:
             results[name] = {"file": entry["file"], "passed": False, "thresholds": entry["thresholds"],
                              "outputs": {}, "failures": [str(e)]}
             continue
-        result = compare_variant(outputs, reference, masks, infos, entry["thresholds"])
+        result = runner.judge(outputs, reference, entry["thresholds"])
         results[name] = {"file": entry["file"], **result}
+        if manifest.get("adapters"):
+            _evaluate_adapters(root, manifest, runner, session, outputs, results[name], skip_adapters or {})
     return results
 
 
-def evaluate_decoder_variants(
-    root: Path, manifest: dict[str, Any], names: list[str], providers: list[str] | None = None,
-    threads: int | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Each decoder variant re-generates the stored prompts greedily; logits and tokens are compared."""
-    from .generation import DecoderIO, greedy
-    from .parity import compare_decoder
+def _evaluate_adapters(root: Path, manifest: dict[str, Any], runner, session, base_outputs, result: dict,
+                       skip: dict[str, str]) -> None:
+    """Each adapter active vs its merged PyTorch reference, then every configuration again in reverse order:
+    switching adapters within one session must give each one's own outputs."""
+    from .probes import load_arrays
+    from .swappable import ActiveAdapters
+    from .tolerances import SWITCH_ATOL
 
-    probes, inputs, reference = load_reference(root)
-    dio = DecoderIO.from_json(manifest["decoder"])
-    n_new = int(probes["max_new_tokens"])
-    results = {}
-    for name in names:
-        entry = manifest["variants"][name]
+    thresholds = result["thresholds"]
+    items = manifest["adapters"]["items"]
+    n = len(runner.inputs)
+    per_adapter: dict[str, Any] = {}
+    active: dict[str, Any] = {}
+    first: dict[str | None, Any] = {None: base_outputs}
+    for adapter, item in items.items():
+        if adapter in skip:
+            per_adapter[adapter] = {"passed": False, "outputs": {}, "failures": [f"not run: {skip[adapter]}"]}
+            continue
         try:
-            session = make_session(root / entry["file"], providers, threads)
+            active[adapter] = ActiveAdapters(root, manifest, [adapter])
+            reference = load_arrays(root / item["reference"], n)
+            outputs = runner.run(session, active[adapter].run_options)
         except ExporterError as e:
-            results[name] = {"file": entry["file"], "passed": False, "thresholds": entry["thresholds"],
-                             "outputs": {}, "failures": [str(e)]}
+            per_adapter[adapter] = {"passed": False, "outputs": {}, "failures": [str(e)]}
             continue
-
-        def step(feeds, s=session):
-            return dict(zip(dio.output_names, s.run(list(dio.output_names), {n: feeds[n] for n in dio.input_names})))
-
-        runs = [greedy(step, dio, b["input_ids"], b["attention_mask"], n_new) for b in inputs]
-        result = compare_decoder([r.prefill_logits for r in runs], [r["logits"] for r in reference],
-                                 [b["attention_mask"] for b in inputs], [r.tokens for r in runs],
-                                 [r["tokens"] for r in reference], entry["thresholds"],
-                                 [r["margins"] for r in reference])
-        results[name] = {"file": entry["file"], **result}
-    return results
+        first[adapter] = outputs
+        judged = runner.judge(outputs, reference, thresholds)
+        per_adapter[adapter] = {k: judged[k] for k in ("passed", "outputs", "failures")}
+    worst = 0.0
+    for adapter in reversed(list(first)):
+        again = runner.run(session, active[adapter].run_options if adapter else None)
+        for a, b in zip(runner.arrays(again), runner.arrays(first[adapter])):
+            worst = max(worst, float(np.abs(a.astype(np.float64) - b).max()) if a.shape == b.shape else np.inf)
+    switching = {"passed": worst <= SWITCH_ATOL, "max_abs_diff": worst, "configurations": len(first),
+                 "atol": SWITCH_ATOL}
+    result["adapters"] = per_adapter
+    result["switching"] = switching
+    for adapter, r in per_adapter.items():
+        result["failures"] += [f"adapter {adapter}: {f}" for f in r["failures"]]
+    if not switching["passed"]:
+        result["failures"].append(f"switching: re-running a configuration after others changed its outputs by "
+                                  f"{worst:.3g} > {SWITCH_ATOL:g} (adapter state leaks between runs)")
+    result["passed"] = not result["failures"]
 
 
 def check_tokenizer(root: Path, manifest: dict[str, Any]) -> list[str]:
@@ -131,7 +201,12 @@ def verify_bundle(
                           "outputs": {}, "failures": [f"not run: {why}"]}
         else:
             runnable.append(v)
-    results.update(evaluate_variants(root, manifest, runnable, providers, threads))
+    skip = {}
+    for adapter, item in ((manifest.get("adapters") or {}).get("items") or {}).items():
+        broken = [f for f in (item["file"], item["reference"]) if f in bad_files]
+        if broken:
+            skip[adapter] = f"{broken[0]} failed the integrity check"
+    results.update(evaluate_variants(root, manifest, runnable, providers, threads, skip))
     results = {v: results[v] for v in names}
     passed = not problems and all(r["passed"] for r in results.values())
     return {
@@ -148,4 +223,6 @@ def verify_bundle(
         "variants": results,
         "adapter_effect": manifest.get("adapter_effect"),
         "warnings": [],
+        **({"adapters": adapters_summary(manifest)} if manifest.get("adapters") else {}),
     }
+
