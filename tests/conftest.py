@@ -59,6 +59,32 @@ def factory(tmp_path_factory):
                 cache[key] = (out, report)
             return cache[key]
 
+        def swap_adapters(self, family: str) -> list[Path]:
+            """Two adapters of different ranks (4 and 8) on one base: bert classifier or llama decoder."""
+            from helpers import make_adapter, make_decoder_adapter
+
+            key = ("swap_adapters", family)
+            if key not in cache:
+                if family == "decoder":
+                    cache[key] = [make_decoder_adapter(self.decoder_base("llama"), "llama", root / f"swap-dec-r{r}",
+                                                       r=r, seed=r) for r in (4, 8)]
+                else:
+                    cache[key] = [make_adapter(self.base("bert"), "bert", "text-classification",
+                                               root / f"swap-cls-r{r}", r=r, seed=r) for r in (4, 8)]
+            return cache[key]
+
+        def swap_bundle(self, family: str):
+            """The two swap_adapters exported with --keep-adapters (int8, and int4 for the decoder)."""
+            key = ("swap_bundle", family)
+            if key not in cache:
+                out = root / f"swap-bundle-{family}"
+                first, second = self.swap_adapters(family)
+                quantize = ("int8", "int4") if family == "decoder" else ("int8",)
+                report = run_pipeline(ExportSpec(adapter=first, out=out, quantize=quantize, keep_adapters=True,
+                                                 adapters=(("first", first), ("second", second))))
+                cache[key] = (out, report)
+            return cache[key]
+
         def bundle(self, arch: str, task: str, quantize=("int8", "fp16")):
             key = ("bundle", arch, task, tuple(quantize))
             if key not in cache:

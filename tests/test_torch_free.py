@@ -60,3 +60,17 @@ def test_decoder_verify_and_generate_without_torch(factory):
     assert json.loads(r.stdout)["variants"]["int4"]["passed"] is True
     r = run_blocked("generate", str(out), "Once upon a time", "--max-new-tokens", "5", "--variant", "int4")
     assert r.returncode == 0, r.stderr
+
+
+def test_swappable_adapters_without_torch(factory):
+    out, _ = factory.swap_bundle("encoder")
+    r = run_blocked("verify", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["variants"]["int8"]["adapters"]["second"]["passed"] is True
+    r = run_blocked("infer", str(out), "Great.", "--adapter", "second", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["adapter"] == "second"
+    out, _ = factory.swap_bundle("decoder")
+    r = run_blocked("generate", str(out), "Once upon a time", "--max-new-tokens", "4", "--adapter", "first",
+                    "--variant", "int4")
+    assert r.returncode == 0, r.stderr
