@@ -19,9 +19,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"- task: {report['task']}",
         f"- base: {report['base']['name']}",
-        f"- adapter: {a.get('name')} ({a.get('peft_type')}, r={a.get('rank')}, alpha={a.get('alpha')}, "
-        f"targets {', '.join(a.get('target_modules') or [])})",
     ]
+    if a:
+        lines.append(f"- adapter: {a.get('name')} ({a.get('peft_type')}, r={a.get('rank')}, alpha={a.get('alpha')}, "
+                     f"targets {', '.join(a.get('target_modules') or [])})")
+    for name, s in (report.get("adapters") or {}).items():
+        rank = s["rank"] if s["rank"] is not None else "/".join(map(str, s["ranks"]))
+        lines.append(f"- swappable adapter {name}: rank {rank}, {s['target_modules']} LoRA modules"
+                     + (f", replaces {', '.join(s['full_parameters'])}" if s["full_parameters"] else ""))
     if report.get("labels"):
         lines.append(f"- labels: {', '.join(report['labels'])}")
     effect = report.get("adapter_effect")
@@ -33,7 +38,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Integrity problems", ""] + [f"- {p}" for p in integrity["problems"]]
     lines += [
         "",
-        "## Variants",
+        "## Variants" + (" (the base, no adapter active)" if report.get("adapters") else ""),
         "",
         "| variant | output | verdict | max abs diff | mean abs diff | min cosine | argmax agreement | thresholds |",
         "|---|---|---|---|---|---|---|---|",
@@ -48,6 +53,21 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"| {name} | {out} | {'pass' if r['passed'] else 'FAIL'} | {_fmt(m['max_abs_diff'])} | "
                 f"{_fmt(m['mean_abs_diff'])} | {_fmt(m['cosine_min'])} | {_fmt(agree)} | {th} |"
             )
+    swap = [(v, r) for v, r in report["variants"].items() if r.get("adapters")]
+    if swap:
+        lines += ["", "## Swappable adapters (each active vs its merged PyTorch model)", "",
+                  "| variant | adapter | output | verdict | max abs diff | min cosine | argmax agreement |",
+                  "|---|---|---|---|---|---|---|"]
+        for v, r in swap:
+            for name, ar in r["adapters"].items():
+                for out, m in ar["outputs"].items() or [("-", {})]:
+                    agree = m.get("argmax_agreement_clear", m.get("argmax_agreement"))
+                    lines.append(f"| {v} | {name} | {out} | {'pass' if ar['passed'] else 'FAIL'} | "
+                                 f"{_fmt(m.get('max_abs_diff'))} | {_fmt(m.get('cosine_min'))} | {_fmt(agree)} |")
+            sw = r.get("switching")
+            if sw:
+                lines.append(f"| {v} | switching ({sw['configurations']} configurations, re-run) | all | "
+                             f"{'pass' if sw['passed'] else 'FAIL'} | {_fmt(sw['max_abs_diff'])} | - | - |")
     tm = report.get("task_metrics")
     if tm:
         lines += ["", f"## Task metric on {tm['n_examples']} eval examples ({tm['metric']}, max drop {tm['max_drop']})",

@@ -24,7 +24,13 @@ from exporter.errors import MismatchError, UserInputError
 from exporter.loading import sha256_file
 from exporter.runtime import BundleGenerator, BundleModel, make_session
 from exporter.schema import MANIFEST_SCHEMA, REPORT_SCHEMA
-from exporter.swappable import ActiveAdapters, Interface, check_bundle_adapter, check_tensors, write_adapter_file
+from exporter.swappable import (
+    ActiveAdapters,
+    Interface,
+    check_bundle_adapter,
+    check_tensors,
+    write_adapter_file,
+)
 from exporter.verify import verify_bundle
 
 TEXTS = ["The service was great and fast.", "Terrible food, never again.", "It arrived on Tuesday."]
