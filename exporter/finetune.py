@@ -246,9 +246,6 @@ def finetune(recipe: Recipe, out: Path, *, work_dir: Path | None = None, resume:
                                                                                     _SFTCollator(tok.pad_token_id))
     t = recipe.training
     strategy = "steps" if t.eval_steps else ("epoch" if t.max_steps is None else "no")
-    if t.select_best and strategy == "no":
-        raise UserInputError("training.select_best needs checkpoints to choose from: with max_steps set, "
-                             "also set training.eval_steps")
     best_metric = {"text-classification": "accuracy", "token-classification": "f1"}.get(recipe.task, "loss")
     args = TrainingArguments(
         output_dir=str(work_dir), per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=32,

@@ -59,6 +59,12 @@ class TrainingSpec(_Strict):
         "(validation_fraction), not the last one; the eval set is never used to choose.")
     validation_fraction: float = Field(0.1, gt=0, lt=1, description="Share of train held out when select_best.")
 
+    @model_validator(mode="after")
+    def _best_needs_checkpoints(self) -> TrainingSpec:
+        if self.select_best and self.max_steps is not None and self.eval_steps is None:
+            raise ValueError("select_best needs checkpoints to choose from: with max_steps set, also set eval_steps")
+        return self
+
 
 class ExportSettings(_Strict):
     opset: int = 20

@@ -1,8 +1,10 @@
-"""Train the small sentiment LoRA adapter committed under samples/adapters/minilm-sentiment.
+"""Train the small sentiment LoRA adapters committed under samples/adapters/.
 
-It is the input of the README's main job until recipes exist. Plain torch + peft, CPU, about a minute:
+Plain torch + peft, CPU, about a minute each:
 
-    python samples/train_sample_adapter.py [--out samples/adapters/minilm-sentiment]
+    python samples/train_sample_adapter.py                  # minilm-sentiment: rank 8 on query/key/value/dense
+    python samples/train_sample_adapter.py --out samples/adapters/minilm-sentiment-qv-r4 --rank 4 \
+        --targets query value --seed 1                     # a second fine-tune for the swappable-adapters example
 
 Data: samples/data/sentiment/{train,eval}.jsonl, written by us for this project.
 """
@@ -46,6 +48,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "adapters" / "minilm-sentiment")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--targets", nargs="+", default=["query", "key", "value", "dense"])
     args = ap.parse_args()
 
     random.seed(args.seed)
@@ -56,8 +60,8 @@ def main() -> None:
     model = AutoModelForSequenceClassification.from_pretrained(
         base_dir, num_labels=2, id2label=dict(enumerate(LABELS)), label2id={x: i for i, x in enumerate(LABELS)}
     )
-    config = LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.05,
-                        target_modules=["query", "key", "value", "dense"])
+    config = LoraConfig(task_type="SEQ_CLS", r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05,
+                        target_modules=args.targets)
     model = get_peft_model(model, config)
     train_x, train_y = read(HERE / "data/sentiment/train.jsonl")
     eval_x, eval_y = read(HERE / "data/sentiment/eval.jsonl")

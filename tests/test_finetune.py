@@ -13,6 +13,7 @@ from helpers import make_causal_base, write_recipe
 from safetensors.torch import load_file
 
 from exporter.cli import cli
+from exporter.errors import UserInputError
 from exporter.finetune import METRICS_FILE, encode_rows, finetune
 from exporter.recipes import load_recipe
 
@@ -136,3 +137,20 @@ def test_run_end_to_end_on_tiny_model(factory, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle")]
     r = CliRunner().invoke(cli, ["verify", str(out)])
     assert r.exit_code == 0, r.output
+
+
+def test_select_best_keeps_the_best_validation_checkpoint(factory, tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path / "r", factory.base("bert"), "text-classification", max_steps=6,
+                                      eval_steps=2, select_best=True, validation_fraction=0.25))
+    result = finetune(recipe, tmp_path / "adapter", quiet=True)
+    m = result.metrics
+    assert (m["train_rows"], m["validation_rows"], m["eval_rows"]) == (36, 12, 16)
+    # Periodic evaluations ran on the validation rows; the last eval_accuracy entry is the final eval set.
+    periodic = [h for h in m["log_history"] if "eval_accuracy" in h][:-1]
+    assert [h["step"] for h in periodic] == [2, 4, 6]
+    best = max(h["eval_accuracy"] for h in periodic)
+    assert m["validation"]["accuracy"] == pytest.approx(best)  # the loaded weights are the best checkpoint's
+    assert m["best_checkpoint"] in {f"checkpoint-{h['step']}" for h in periodic if h["eval_accuracy"] == best}
+    with pytest.raises(UserInputError, match="select_best needs checkpoints to choose from"):
+        load_recipe(write_recipe(tmp_path / "r2", factory.base("bert"), "text-classification", max_steps=2,
+                                 select_best=True))
