@@ -161,6 +161,8 @@ def _print_summary(report: dict[str, Any], out: Path) -> None:
         cos = min((m["cosine_min"] for m in r["outputs"].values()), default=float("nan"))
         click.echo(f"  {name:5s} {'PASS' if r['passed'] else 'FAIL'}  max abs diff {worst:.2e}  "
                    f"min cosine {cos:.6f}  {size}")
+        if r.get("base_not_gated"):
+            click.echo("        base without adapter: reported, not gated (untrained head; fp32 is gated)")
         for adapter, a in (r.get("adapters") or {}).items():
             worst = max((m["max_abs_diff"] for m in a["outputs"].values()), default=float("nan"))
             click.echo(f"        adapter {adapter}: {'PASS' if a['passed'] else 'FAIL'}  max abs diff {worst:.2e}")
@@ -228,7 +230,12 @@ def verify(bundle: Path, variants: tuple[str, ...], providers: tuple[str, ...], 
         for p in report["integrity"]["problems"]:
             click.echo(f"  integrity FAIL  {p}")
         for name, r in report["variants"].items():
-            click.echo(f"  {name:5s} {'PASS' if r['passed'] else 'FAIL'}")
+            extra = ""
+            if r.get("adapters") is not None:
+                ok = sum(a["passed"] for a in r["adapters"].values())
+                extra = (f"  (base + {ok}/{len(r['adapters'])} adapters, switching "
+                         f"{'ok' if r.get('switching', {}).get('passed') else 'FAILED'})")
+            click.echo(f"  {name:5s} {'PASS' if r['passed'] else 'FAIL'}{extra}")
             for f in r["failures"]:
                 click.echo(f"        {f}")
         click.echo(f"{bundle}: {'verified' if report['passed'] else 'VERIFICATION FAILED'}")

@@ -675,7 +675,8 @@ def run_recipe(recipe, out: Path, *, overwrite: bool = False, quiet: bool = Fals
         opset=recipe.export.opset, overwrite=overwrite, trust_remote_code=recipe.trust_remote_code,
         task_eval=task_eval, recipe_yaml=effective_yaml(recipe), include_adapter=True,
         training={"seconds": stages.timings["finetune"],
-                  **{k: trained.metrics[k] for k in ("global_step", "train_loss", "eval", "train_rows", "eval_rows")}},
+                  **{k: trained.metrics.get(k) for k in ("global_step", "train_loss", "eval", "train_rows", "eval_rows",
+                                                         "validation_rows", "best_checkpoint", "validation")}},
     )
     try:
         report = run_pipeline(spec, progress)

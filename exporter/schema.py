@@ -78,6 +78,8 @@ _VARIANT_RESULT = {
                          "properties": {"passed": {"type": "boolean"},
                                         "outputs": {"type": "object", "additionalProperties": _OUTPUT_METRICS},
                                         "failures": {"type": "array", "items": {"type": "string"}}}}},
+        "base_not_gated": {"type": "string", "description": "swappable bundles whose base has untrained tensors "
+                           "(a random head): why the quantized base missed its gate and was not failed for it"},
         "switching": {"type": "object", "required": ["passed", "max_abs_diff", "configurations", "atol"],
                       "description": "every configuration re-run in one session after the others: outputs unchanged",
                       "properties": {"passed": {"type": "boolean"}, "max_abs_diff": {"type": "number"},
@@ -94,6 +96,10 @@ _ADAPTERS_SECTION = {
     "required": ["mode", "graph_sha256", "interface", "items"],
     "properties": {
         "mode": {"const": "swappable"},
+        "base_gate": {"enum": ["all", "fp32-only"], "description": "fp32-only when the base has untrained tensors "
+                      "(untrained_base_tensors, e.g. a classification head): quantized variants then gate only "
+                      "the adapters"},
+        "untrained_base_tensors": {"type": "array", "items": {"type": "string"}},
         "graph_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$",
                          "description": "sha256 of the fp32 graph; every adapter records the graph it was made for"},
         "interface": {

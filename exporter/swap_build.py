@@ -272,12 +272,15 @@ def build_swappable(spec, modes, stages, adapters: list[tuple[str, Any]], base, 
     tok = stages.run("tokenizer", "saving tokenizer", _save_tokenizer, base, first, staging, spec.trust_remote_code)
 
     def load_graph_model():
-        model, _ = load_base_model(task, base, labels, spec.trust_remote_code)
+        import torch
+
+        torch.manual_seed(0)  # an untrained head is random: make it the same on every export
+        model, info = load_base_model(task, base, labels, spec.trust_remote_code)
         if is_decoder:
             conv1d_to_linear(model)
-        return model
+        return model, sorted(info.get("missing_keys") or [])
 
-    graph_model = stages.run("load", "loading base model", load_graph_model)
+    graph_model, untrained = stages.run("load", "loading base model", load_graph_model)
     if is_decoder:
         positions = base.config.get("max_position_embeddings") or base.config.get("n_positions") or spec.max_length
         max_length = min(spec.max_length, positions)
@@ -373,6 +376,11 @@ def build_swappable(spec, modes, stages, adapters: list[tuple[str, Any]], base, 
         "mode": "swappable",
         "graph_sha256": graph_sha,
         "interface": interface.to_json(),
+        # A base with freshly initialised tensors (a classification head no checkpoint provides) gives noise
+        # logits without an adapter: its fp32 parity still proves graph == base, but a quantized variant's
+        # cosine on noise means nothing, so quantized variants gate only the adapters (the base is reported).
+        "base_gate": "fp32-only" if untrained else "all",
+        "untrained_base_tensors": untrained,
         "items": {p.name: _entry(p, interface, graph_sha, required) for p in prepared},
     }
     results = stages.run("verify", "checking parity with onnxruntime (base, each adapter, switching)",

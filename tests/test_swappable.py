@@ -50,6 +50,9 @@ def test_layout_manifest_contract_and_graph(factory):
     jsonschema.validate(json.loads((out / "parity.json").read_text()), REPORT_SCHEMA)
     section = m["adapters"]
     assert m["adapter"] is None and set(section["items"]) == {"first", "second"}
+    # The base's classifier is untrained (random) without an adapter.
+    assert section["base_gate"] == "fp32-only"
+    assert section["untrained_base_tensors"] == ["classifier.bias", "classifier.weight"]
     assert section["graph_sha256"] == sha256_file(out / "model.onnx")
     for name, rank in (("first", 4), ("second", 8)):
         item = section["items"][name]
@@ -316,3 +319,25 @@ def test_decoder_adapters_generate_like_their_merged_exports(factory, tmp_path):
                                  "--max-new-tokens", "8"])
     assert r.exit_code == 0 and r.stdout.strip() == want.strip(), r.output
     assert verify_bundle(out)["passed"]
+
+
+def test_quantized_base_with_random_head_is_reported_not_gated(factory, tmp_path):
+    """A changed base reference fails fp32 (graph == base is gated); int8 reports the miss, gates the adapters."""
+    from exporter.bundle import file_hashes, write_manifest
+    from exporter.probes import load_arrays, save_arrays
+
+    out, _ = factory.swap_bundle("encoder")
+    dst = _copy(out, tmp_path)
+    m = read_manifest(dst)
+    n = len(json.loads((dst / "reference" / "probes.json").read_text())["batches"])
+    ref = load_arrays(dst / "reference" / "outputs.npz", n)
+    save_arrays(dst / "reference" / "outputs.npz", [{"logits": -r["logits"]} for r in ref])
+    m["files"] = file_hashes(dst)
+    write_manifest(dst, m)
+    rep = verify_bundle(dst)
+    fp32, int8 = rep["variants"]["fp32"], rep["variants"]["int8"]
+    assert not fp32["passed"] and fp32["failures"][0].startswith("logits:")
+    assert int8["passed"] and "classifier.bias, classifier.weight are untrained" in int8["base_not_gated"]
+    assert all(a["passed"] for a in int8["adapters"].values())
+    out_dec, _ = factory.swap_bundle("decoder")
+    assert read_manifest(out_dec)["adapters"]["base_gate"] == "all"
