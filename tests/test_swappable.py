@@ -341,3 +341,26 @@ def test_quantized_base_with_random_head_is_reported_not_gated(factory, tmp_path
     assert all(a["passed"] for a in int8["adapters"].values())
     out_dec, _ = factory.swap_bundle("decoder")
     assert read_manifest(out_dec)["adapters"]["base_gate"] == "all"
+
+
+def test_rslora_scaling_is_folded_and_checked(factory, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    base = factory.base("bert")
+    pm = get_peft_model(AutoModel.from_pretrained(base),
+                        LoraConfig(task_type="FEATURE_EXTRACTION", r=4, lora_alpha=8, use_rslora=True,
+                                   init_lora_weights=False, target_modules=["query", "value"]))
+    pm.peft_config["default"].base_model_name_or_path = str(base)
+    pm.save_pretrained(tmp_path / "rs")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, ["export", "--keep-adapters", "--adapter", f"rs={tmp_path / 'rs'}", "-o", str(out),
+                                 "--quantize", "int8", "-q", "--json"])
+    assert r.exit_code == 0, r.output
+    item = read_manifest(out)["adapters"]["items"]["rs"]
+    assert all(s == pytest.approx(8 / 2) for s in item["scaling"].values())  # alpha / sqrt(r), not alpha / r
+    rep = json.loads(r.stdout)
+    fp32 = rep["variants"]["fp32"]["adapters"]["rs"]["outputs"]
+    assert fp32["sentence_embedding"]["max_abs_diff"] <= 1e-4 and fp32["last_hidden_state"]["max_abs_diff"] <= 1e-4
+    assert read_manifest(out)["adapters"]["base_gate"] == "all"  # feature extraction: no untrained head
+    assert len(BundleModel(out, adapter="rs").infer(["hello"])[0]["embedding"]) == 32
