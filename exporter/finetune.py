@@ -8,6 +8,7 @@ interrupted run can ``--resume``; the finished adapter is published by rename.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import math
@@ -15,6 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -255,10 +257,12 @@ def finetune(recipe: Recipe, out: Path, *, work_dir: Path | None = None, resume:
         save_total_limit=2, logging_steps=max(1, t.eval_steps or 10), report_to=[], use_cpu=True,
         dataloader_num_workers=0, disable_tqdm=quiet, ddp_backend="gloo" if world > 1 else None,
         remove_unused_columns=False, load_best_model_at_end=t.select_best,
-        metric_for_best_model=best_metric if t.select_best else None,
+        metric_for_best_model=f"validation_{best_metric}" if t.select_best else None,
         greater_is_better=best_metric != "loss" if t.select_best else None,
     )
-    trainer = Trainer(model=peft_model, args=args, train_dataset=train_set, eval_dataset=watch_set,
+    # Named, so the progress log says eval_validation_* for the rows that choose the checkpoint.
+    trainer = Trainer(model=peft_model, args=args, train_dataset=train_set,
+                      eval_dataset={"validation": watch_set} if data.validation else eval_set,
                       data_collator=collator, compute_metrics=_metrics_fn(recipe.task, data.labels),
                       callbacks=callbacks)
     if quiet:
@@ -296,6 +300,13 @@ def finetune(recipe: Recipe, out: Path, *, work_dir: Path | None = None, resume:
         shutil.rmtree(work_dir, ignore_errors=True)
     if world > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()
+        # Free DDP's Reducer while the process group is still registered, and give gloo's worker thread the
+        # GIL to finish destroying completed work (it decrefs Python tensors). Otherwise the last reference to
+        # the group can drop in the Reducer's destructor, which joins that thread while holding the GIL: a
+        # deadlock (measured: rank 1 hung in ~ProcessGroupGloo after rank 0 had exited).
+        del trainer
+        gc.collect()
+        time.sleep(0.2)
         # Left alive, gloo's threads are torn down at interpreter exit and a rank can die with SIGABRT
         # ("terminate called without an active exception"), failing the whole torchrun (measured, flaky).
         torch.distributed.destroy_process_group()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -100,10 +101,13 @@ def test_two_process_ddp_keeps_ranks_in_sync(factory, tmp_path):
     recipe = write_recipe(tmp_path / "r", factory.base("bert"), "text-classification", max_steps=3, batch_size=4)
     out = tmp_path / "adapter"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with socket.socket() as s:  # a free port: a fixed one collides with a concurrent or leftover run
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
          "-m", "exporter.cli", "finetune", str(recipe), "-o", str(out), "--json", "-q"],
-        capture_output=True, text=True, timeout=600, env=env,
+        capture_output=True, text=True, timeout=300, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / METRICS_FILE).read_text())
@@ -145,12 +149,13 @@ def test_select_best_keeps_the_best_validation_checkpoint(factory, tmp_path):
     result = finetune(recipe, tmp_path / "adapter", quiet=True)
     m = result.metrics
     assert (m["train_rows"], m["validation_rows"], m["eval_rows"]) == (36, 12, 16)
-    # Periodic evaluations ran on the validation rows; the last eval_accuracy entry is the final eval set.
-    periodic = [h for h in m["log_history"] if "eval_accuracy" in h][:-1]
+    # Periodic evaluations ran on the validation rows (logged as eval_validation_*).
+    periodic = [h for h in m["log_history"] if "eval_validation_accuracy" in h]
     assert [h["step"] for h in periodic] == [2, 4, 6]
-    best = max(h["eval_accuracy"] for h in periodic)
+    best = max(h["eval_validation_accuracy"] for h in periodic)
     assert m["validation"]["accuracy"] == pytest.approx(best)  # the loaded weights are the best checkpoint's
-    assert m["best_checkpoint"] in {f"checkpoint-{h['step']}" for h in periodic if h["eval_accuracy"] == best}
+    assert m["best_checkpoint"] in {f"checkpoint-{h['step']}" for h in periodic
+                                    if h["eval_validation_accuracy"] == best}
     with pytest.raises(UserInputError, match="select_best needs checkpoints to choose from"):
         load_recipe(write_recipe(tmp_path / "r2", factory.base("bert"), "text-classification", max_steps=2,
                                  select_best=True))
