@@ -247,14 +247,17 @@ def finetune(recipe: Recipe, out: Path, *, work_dir: Path | None = None, resume:
                 "token-classification": DataCollatorForTokenClassification(tok)}.get(recipe.task,
                                                                                     _SFTCollator(tok.pad_token_id))
     t = recipe.training
-    strategy = "steps" if t.eval_steps else ("epoch" if t.max_steps is None else "no")
+    eval_steps = t.eval_steps
+    if t.select_best and t.max_steps is not None and eval_steps is None:
+        eval_steps = max(1, t.max_steps // 4)  # a few checkpoints to choose from
+    strategy = "steps" if eval_steps else ("epoch" if t.max_steps is None else "no")
     best_metric = {"text-classification": "accuracy", "token-classification": "f1"}.get(recipe.task, "loss")
     args = TrainingArguments(
         output_dir=str(work_dir), per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=32,
         num_train_epochs=t.epochs, max_steps=t.max_steps or -1, learning_rate=t.learning_rate,
         weight_decay=t.weight_decay, warmup_steps=float(t.warmup_ratio), seed=t.seed, data_seed=t.seed,
-        eval_strategy=strategy, save_strategy=strategy, eval_steps=t.eval_steps, save_steps=t.eval_steps,
-        save_total_limit=2, logging_steps=max(1, t.eval_steps or 10), report_to=[], use_cpu=True,
+        eval_strategy=strategy, save_strategy=strategy, eval_steps=eval_steps, save_steps=eval_steps,
+        save_total_limit=2, logging_steps=max(1, eval_steps or 10), report_to=[], use_cpu=True,
         dataloader_num_workers=0, disable_tqdm=quiet, ddp_backend="gloo" if world > 1 else None,
         remove_unused_columns=False, load_best_model_at_end=t.select_best,
         metric_for_best_model=f"validation_{best_metric}" if t.select_best else None,

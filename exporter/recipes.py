@@ -56,14 +56,9 @@ class TrainingSpec(_Strict):
     max_length: int = Field(128, ge=8, description="Longest training sequence in tokens.")
     select_best: bool = Field(
         False, description="Keep the checkpoint that scores best on a validation split held out of train "
-        "(validation_fraction), not the last one; the eval set is never used to choose.")
+        "(validation_fraction), not the last one; the eval set is never used to choose. Checkpoints are scored "
+        "every epoch, every eval_steps, or (max_steps without eval_steps) every max_steps/4 steps.")
     validation_fraction: float = Field(0.1, gt=0, lt=1, description="Share of train held out when select_best.")
-
-    @model_validator(mode="after")
-    def _best_needs_checkpoints(self) -> TrainingSpec:
-        if self.select_best and self.max_steps is not None and self.eval_steps is None:
-            raise ValueError("select_best needs checkpoints to choose from: with max_steps set, also set eval_steps")
-        return self
 
 
 class ExportSettings(_Strict):

@@ -14,7 +14,6 @@ from helpers import make_causal_base, write_recipe
 from safetensors.torch import load_file
 
 from exporter.cli import cli
-from exporter.errors import UserInputError
 from exporter.finetune import METRICS_FILE, encode_rows, finetune
 from exporter.recipes import load_recipe
 
@@ -156,6 +155,7 @@ def test_select_best_keeps_the_best_validation_checkpoint(factory, tmp_path):
     assert m["validation"]["accuracy"] == pytest.approx(best)  # the loaded weights are the best checkpoint's
     assert m["best_checkpoint"] in {f"checkpoint-{h['step']}" for h in periodic
                                     if h["eval_validation_accuracy"] == best}
-    with pytest.raises(UserInputError, match="select_best needs checkpoints to choose from"):
-        load_recipe(write_recipe(tmp_path / "r2", factory.base("bert"), "text-classification", max_steps=2,
-                                 select_best=True))
+    # max_steps without eval_steps: checkpoints every max_steps/4 steps to choose from.
+    m2 = finetune(load_recipe(write_recipe(tmp_path / "r2", factory.base("bert"), "text-classification",
+                                           max_steps=4, select_best=True)), tmp_path / "a2", quiet=True).metrics
+    assert [h["step"] for h in m2["log_history"] if "eval_validation_accuracy" in h] == [1, 2, 3, 4]
