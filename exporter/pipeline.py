@@ -205,15 +205,23 @@ def run_pipeline(spec: ExportSpec, progress: Progress | None = None) -> Report:
 def _run_swappable(spec: ExportSpec, modes: tuple[str, ...], stages: _Stages, out: Path) -> Report:
     """export --keep-adapters: check every adapter fits one base and one task, then build and publish."""
     from .loading import check_architecture, inspect_adapter, public_base_name, resolve_base
-    from .swap_build import build_swappable
+    from .swap_build import build_swappable, check_adapter_name
     from .tasks import get_arch, get_task
 
-    pairs = list(spec.adapters) or [(Path(spec.adapter).resolve().name, Path(spec.adapter))]
+    if spec.task_eval is not None or spec.include_adapter:
+        raise UserInputError("--keep-adapters is an export option: task-level parity and shipping the adapter "
+                             "folder (run) apply to merged bundles only")
+    pairs = [(n, Path(p)) for n, p in spec.adapters] or [(Path(spec.adapter).resolve().name, Path(spec.adapter))]
     seen: set[str] = set()
-    for name, _ in pairs:
+    for name, path in pairs:
+        check_adapter_name(name)
         if name in seen:
             raise UserInputError(f"two adapters are named {name}; name them with --adapter NAME=PATH")
         seen.add(name)
+        folder = path.resolve()
+        if out.resolve() == folder or folder in out.resolve().parents:
+            raise UserInputError(f"-o {out}: must not be an adapter folder ({name}) or inside it; choose another "
+                                 "folder")
     adapters = [(name, stages.run(f"inspect_{name}", f"inspecting adapter {name}", inspect_adapter, Path(path),
                                   spec.allow_pickle)) for name, path in pairs]
     base = resolve_base(spec.base, adapters[0][1], spec.revision)

@@ -88,7 +88,7 @@ class BundleModel:
         self.labels = self.manifest.get("labels")
         if adapter is not None:
             self.labels = self.manifest["adapters"]["items"][adapter].get("labels") or self.labels
-        elif self.manifest.get("adapters") and self.task in ("text-classification", "token-classification"):
+        elif (self.manifest.get("adapters") or {}).get("untrained_base_tensors"):
             names = ", ".join(self.manifest["adapters"]["items"])
             raise UserInputError(f"{self.root}: the base has no trained head; choose an adapter with --adapter "
                                  f"({names})")

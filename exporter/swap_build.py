@@ -165,6 +165,7 @@ def _prepare(name: str, ref, task, arch, base, labels, family, base_reference: l
         raise UnsupportedError(f"adapter {name} grows the vocabulary to {vocab} tokens: swappable adapters share the "
                                "base's tokenizer and embeddings; export it merged (without --keep-adapters)")
     model, info = load_base_model(task, base, labels, trust_remote_code)
+    _refuse_conv1d_tensors(name, model, full_tensor_names(ref.shapes))
     # Tensors no adapter trained (a randomly initialised head, say) must be the graph's own defaults, or the
     # merged reference and the graph would disagree for reasons that have nothing to do with the adapter.
     params = dict(model.named_parameters())
@@ -185,6 +186,20 @@ def _prepare(name: str, ref, task, arch, base, labels, family, base_reference: l
     gc.collect()
     return _Prepared(name, ref, graph.tensors, graph.scaling, graph.lora_modules, graph.full_shapes, labels,
                      reference, family.effect(reference, base_reference))
+
+
+def _refuse_conv1d_tensors(name: str, model, full: dict[str, str]) -> None:
+    """GPT-2's Conv1D layers become Linear in the graph (transposed weights); their whole tensors are refused."""
+    from transformers.pytorch_utils import Conv1D
+
+    for pname in full:
+        try:
+            module = model.get_submodule(pname.rpartition(".")[0])
+        except AttributeError:
+            continue  # not a base module: the fit check names it
+        if isinstance(module, Conv1D):
+            raise UnsupportedError(f"adapter {name} saves the whole Conv1D layer {pname.rpartition('.')[0]} "
+                                   "(modules_to_save): that cannot stay swappable; drop --keep-adapters to merge it")
 
 
 def _interface(prepared: list[_Prepared], model) -> Interface:
@@ -221,6 +236,10 @@ def _write_adapter(staging: Path, p: _Prepared, graph_sha: str) -> None:
 
     (staging / ADAPTERS_DIR).mkdir(exist_ok=True)
     (staging / ADAPTER_REFERENCE_DIR).mkdir(parents=True, exist_ok=True)
+    # A file of that name may be a hard link into the published bundle (add-adapter's clone): replace the
+    # name, never write through it.
+    for f in (staging / ADAPTERS_DIR / f"{p.name}{ADAPTER_SUFFIX}", staging / ADAPTER_REFERENCE_DIR / f"{p.name}.npz"):
+        f.unlink(missing_ok=True)
     write_adapter_file(staging / ADAPTERS_DIR / f"{p.name}{ADAPTER_SUFFIX}", p.tensors, graph_sha)
     save_arrays(staging / ADAPTER_REFERENCE_DIR / f"{p.name}.npz", p.reference)
 
@@ -383,6 +402,7 @@ def build_swappable(spec, modes, stages, adapters: list[tuple[str, Any]], base, 
         "untrained_base_tensors": untrained,
         "items": {p.name: _entry(p, interface, graph_sha, required) for p in prepared},
     }
+    manifest["files"] = file_hashes(staging)  # the adapter files are checked against these before loading
     results = stages.run("verify", "checking parity with onnxruntime (base, each adapter, switching)",
                          lambda: evaluate_variants(staging, manifest, list(artifacts)))
     return _finish(staging, spec, modes, manifest, results, warnings, stages, task, artifacts, None, None,
@@ -396,17 +416,32 @@ def add_adapter(bundle: Path, adapter_path: Path, name: str | None = None, *, ba
                 allow_pickle: bool = False, trust_remote_code: bool = False, progress=None) -> dict[str, Any]:
     """Convert one more peft adapter for a swappable bundle; OUT is replaced only when everything passes."""
     require_full("add-adapter")
+    from .pipeline import _disk_error, quiet_libraries
+
+    root = Path(bundle)
+    name = check_adapter_name(name) if name else check_adapter_name(Path(adapter_path).resolve().name)
+    if not (root / "manifest.json").is_file():
+        raise UserInputError(f"{root}: not a bundle (no manifest.json); give the folder export wrote")
+    # The lock first: a concurrent add-adapter must see this one's manifest, not the one before it.
+    with output_lock(root), quiet_libraries():
+        try:
+            return _add_locked(root, Path(adapter_path), name, base, allow_pickle, trust_remote_code, progress)
+        except OSError as e:
+            raise _disk_error(e, root) from None
+
+
+def _add_locked(root: Path, adapter_path: Path, name: str, base: str | None, allow_pickle: bool,
+                trust_remote_code: bool, progress) -> dict[str, Any]:
     from .decoder import conv1d_to_linear
     from .generation import DecoderIO
     from .loading import check_architecture, inspect_adapter, public_base_name, resolve_base_name, sha256_file
     from .merge import load_base_model, resolve_labels
-    from .pipeline import _Stages, quiet_libraries
+    from .pipeline import _Stages
     from .report import render_markdown
     from .runtime import text_input_names
     from .tasks import get_arch, get_task, task_from_peft
     from .verify import evaluate_variants, load_reference
 
-    root = Path(bundle)
     manifest = read_manifest(root)
     section = manifest.get("adapters")
     if not section:
@@ -416,11 +451,10 @@ def add_adapter(bundle: Path, adapter_path: Path, name: str | None = None, *, ba
     if problems:
         raise BundleError(f"{root}: the bundle fails its integrity check ({problems[0]}); re-export it before "
                           "adding adapters")
-    name = check_adapter_name(name) if name else check_adapter_name(Path(adapter_path).resolve().name)
     if name in section["items"]:
         raise UserInputError(f"{root}: already has an adapter named {name}; choose another with --adapter NEW=PATH")
     stages = _Stages(progress)
-    ref = stages.run("inspect", "inspecting adapter", inspect_adapter, Path(adapter_path), allow_pickle)
+    ref = stages.run("inspect", "inspecting adapter", inspect_adapter, adapter_path, allow_pickle)
     bundle_base = manifest["base"]["name"]
     recorded = public_base_name(ref.recorded_base)
     if recorded and recorded != bundle_base:
@@ -445,71 +479,87 @@ def add_adapter(bundle: Path, adapter_path: Path, name: str | None = None, *, ba
     arch = get_arch(base_ref.model_type) if task.name != "text-generation" else None
     warnings: list[str] = []
     defaults = _graph_defaults(root / manifest["variants"]["fp32"]["file"], interface)
-    with output_lock(root), quiet_libraries():
-        labels = resolve_labels(task, arch, base_ref, ref, None) if arch is not None else None
+    labels = resolve_labels(task, arch, base_ref, ref, None) if arch is not None else None
+    if labels is not None:
+        head = f"{arch.head_layers[task.name]}.weight"
+        size = interface.full_parameters.get(head, (None,))[0]
+        if size is not None and size != len(labels):
+            raise MismatchError(f"adapter {name} has {len(labels)} labels, this bundle's graph serves a head of "
+                                f"{size}; adapters of one bundle share the head size: export it separately")
 
-        def check_base():
-            import torch
+    def check_base():
+        import torch
 
-            model, _ = load_base_model(task, base_ref, labels, trust_remote_code)
-            if task.name == "text-generation":
-                conv1d_to_linear(model)
-            params = dict(model.named_parameters())
-            with torch.no_grad():
-                for pname, value in defaults.items():
-                    if pname in params and tuple(params[pname].shape) == value.shape:
-                        params[pname].copy_(torch.from_numpy(np.array(value)))
-            got = family.reference(model)
-            diff = family.max_diff(got, base_reference)
-            bound = FP32_ATOL + FP32_RTOL * max(float(np.abs(r[k]).max()) for r in base_reference for k in r
-                                                if k != "tokens")
-            if not diff <= bound:
-                raise MismatchError(f"base {base_ref.name} does not reproduce this bundle's base outputs (max abs diff "
-                                    f"{diff:.3g} > {bound:.3g}); pass the base the bundle was exported from (--base)")
+        model, _ = load_base_model(task, base_ref, labels, trust_remote_code)
+        if task.name == "text-generation":
+            conv1d_to_linear(model)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for pname, value in defaults.items():
+                if pname in params and tuple(params[pname].shape) == value.shape:
+                    params[pname].copy_(torch.from_numpy(np.array(value)))
+        got = family.reference(model)
+        diff = family.max_diff(got, base_reference)
+        bound = FP32_ATOL + FP32_RTOL * max(float(np.abs(r[k]).max()) for r in base_reference for k in r
+                                            if k != "tokens")
+        if not diff <= bound:
+            raise MismatchError(f"base {base_ref.name} does not reproduce this bundle's base outputs (max abs diff "
+                                f"{diff:.3g} > {bound:.3g}); pass the base the bundle was exported from (--base)")
 
-        stages.run("base_check", "checking the base reproduces the bundle's base outputs", check_base)
-        p = stages.run("convert", f"converting adapter {name} and computing its merged PyTorch reference", _prepare,
-                       name, ref, task, arch, base_ref, labels, family, base_reference, defaults, allow_pickle,
-                       trust_remote_code, warnings)
-        shapes = {k: (tuple(v.shape), str(v.dtype)) for k, v in p.tensors.items()}
-        check_tensors(shapes, interface, f"adapter {name}")
-        required = ADAPTER_EFFECT_FACTOR * FP32_ATOL
-        if max(p.effect.values()) < required:
-            warnings.append(f"adapter {name} barely changes the model (max |merged - base| "
-                            f"{max(p.effect.values()):.2g} < {required:g}); parity cannot show it survived export")
-        staging = make_staging(root)
-        try:
-            _clone_bundle(root, staging)
-            graph_sha = section["graph_sha256"]
-            if sha256_file(staging / manifest["variants"]["fp32"]["file"]) != graph_sha:
-                raise BundleError(f"{root}: model.onnx is not the graph the adapters were made for; re-export")
-            _write_adapter(staging, p, graph_sha)
-            section["items"][name] = _entry(p, interface, graph_sha, required)
-            variants = list(manifest["variants"])
-            results = stages.run("verify", "checking parity with onnxruntime (base, each adapter, switching)",
-                                 lambda: evaluate_variants(staging, manifest, variants))
-            passed = all(r["passed"] for r in results.values())
-            for v, r in results.items():
-                manifest["variants"][v]["passed"] = r["passed"]
-            report = _read_report(staging)
-            report.update({"command": "add-adapter", "passed": passed, "variants": results,
-                           "adapters": adapters_summary(manifest),
-                           "warnings": list(report.get("warnings", [])) + warnings})
-            report.setdefault("timings", {}).update({f"add_{k}": v for k, v in stages.timings.items()})
-            write_json(staging / PARITY_JSON, report)
-            (staging / PARITY_MD).write_text(render_markdown(report), encoding="utf-8")
-            manifest["files"] = file_hashes(staging)
-            write_manifest(staging, manifest)
-            if not passed:
-                rejected = reject(staging, root)
-                fails = [f"{v}: {r['failures'][0]}" for v, r in results.items() if r["failures"]][:3]
-                raise ParityError(f"parity gate failed ({'; '.join(fails)}); {root} is unchanged, diagnostics are in "
-                                  f"{rejected}", report)
-            publish(staging, root, overwrite=True)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+    stages.run("base_check", "checking the base reproduces the bundle's base outputs", check_base)
+    p = stages.run("convert", f"converting adapter {name} and computing its merged PyTorch reference", _prepare,
+                   name, ref, task, arch, base_ref, labels, family, base_reference, defaults, allow_pickle,
+                   trust_remote_code, warnings)
+    shapes = {k: (tuple(v.shape), str(v.dtype)) for k, v in p.tensors.items()}
+    check_tensors(shapes, interface, f"adapter {name}")
+    required = ADAPTER_EFFECT_FACTOR * FP32_ATOL
+    if max(p.effect.values()) < required:
+        warnings.append(f"adapter {name} barely changes the model (max |merged - base| "
+                        f"{max(p.effect.values()):.2g} < {required:g}); parity cannot show it survived export")
+    staging = make_staging(root)
+    try:
+        _clone_bundle(root, staging)
+        graph_sha = section["graph_sha256"]
+        if sha256_file(staging / manifest["variants"]["fp32"]["file"]) != graph_sha:
+            raise BundleError(f"{root}: model.onnx is not the graph the adapters were made for; re-export")
+        _write_adapter(staging, p, graph_sha)
+        section["items"][name] = _entry(p, interface, graph_sha, required)
+        _update_effect(manifest)
+        manifest["spec"]["adapters"] = list(section["items"])
+        variants = list(manifest["variants"])
+        manifest["files"] = file_hashes(staging)  # the adapter files are checked against these before loading
+        results = stages.run("verify", "checking parity with onnxruntime (base, each adapter, switching)",
+                             lambda: evaluate_variants(staging, manifest, variants))
+        passed = all(r["passed"] for r in results.values())
+        for v, r in results.items():
+            manifest["variants"][v]["passed"] = r["passed"]
+        report = _read_report(staging)
+        report.update({"command": "add-adapter", "passed": passed, "variants": results,
+                       "adapters": adapters_summary(manifest), "adapter_effect": manifest["adapter_effect"],
+                       "warnings": list(report.get("warnings", [])) + warnings})
+        report.setdefault("timings", {}).update({f"add_{k}": v for k, v in stages.timings.items()})
+        write_json(staging / PARITY_JSON, report)
+        (staging / PARITY_MD).write_text(render_markdown(report), encoding="utf-8")
+        manifest["files"] = file_hashes(staging)
+        write_manifest(staging, manifest)
+        if not passed:
+            rejected = reject(staging, root)
+            fails = [f"{v}: {r['failures'][0]}" for v, r in results.items() if r["failures"]][:3]
+            raise ParityError(f"parity gate failed ({'; '.join(fails)}); {root} is unchanged, diagnostics are in "
+                              f"{rejected}", report)
+        publish(staging, root, overwrite=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return report
+
+
+def _update_effect(manifest: dict[str, Any]) -> None:
+    """The bundle-level adapter effect: the weakest adapter's, per output."""
+    effects = [e["effect"] for e in manifest["adapters"]["items"].values()]
+    outputs = effects[0]["max_abs_diff"]
+    manifest["adapter_effect"]["max_abs_diff"] = {k: min(e["max_abs_diff"][k] for e in effects) for k in outputs}
+    manifest["adapter_effect"]["meaningful"] = all(e["meaningful"] for e in effects)
 
 
 def _read_report(root: Path) -> dict[str, Any]:

@@ -53,9 +53,13 @@ def convert_peft(peft_model, adapter, full: dict[str, Any]) -> GraphAdapter:
     for path, mod in inner.named_modules():
         if not isinstance(mod, LoraLayer) or "default" not in mod.scaling:
             continue
-        if "default" in mod.lora_variant or mod.use_dora.get("default"):
+        if mod.use_dora.get("default"):
             raise UnsupportedError(f"adapter {adapter.name}: DoRA cannot stay swappable (its magnitude vector "
                                    "rescales the merged weight); drop --keep-adapters to merge it")
+        if "default" in mod.lora_variant:
+            variant = type(mod.lora_variant["default"]).__name__
+            raise UnsupportedError(f"adapter {adapter.name}: the LoRA variant {variant} cannot stay swappable (only "
+                                   "plain LoRA A/B pairs can); drop --keep-adapters to merge it")
         if mod.lora_bias.get("default"):
             raise UnsupportedError(f"adapter {adapter.name}: LoRA with lora_bias cannot stay swappable; drop "
                                    "--keep-adapters to merge it")
@@ -119,6 +123,12 @@ def inject(model, interface: Interface) -> None:
         setattr(parent, child, _Linear.make(linear))
 
 
+def injected_name(name: str, interface: Interface) -> str:
+    """A base parameter's name after ``inject``: a LoRA-capable layer holds the original as ``.linear``."""
+    module, _, leaf = name.rpartition(".")
+    return f"{module}.linear.{leaf}" if module in interface.lora_modules else name
+
+
 def set_lora(model, interface: Interface, tensors: dict[str, Any]) -> None:
     """Point every injected layer at its A/B (torch tensors); None switches a layer back to the plain base."""
     for path in interface.lora_modules:
@@ -136,6 +146,11 @@ def make_swappable(inner, n_inputs: int, interface: Interface):
 
     lora_names = [lora_input(m, k) for m in interface.lora_modules for k in LORA_KINDS]
     full_names = list(interface.full_parameters)
+    # functional_call ignores names it does not know (strict=False): an unknown one would silently keep the base.
+    known = {n for n, _ in inner.named_parameters()}
+    unknown = [n for n in full_names if f"model.{injected_name(n, interface)}" not in known]
+    if unknown:
+        raise ExporterError(f"internal: {unknown[0]} is not a parameter of the model being exported")
 
     class SwappableWrapper(torch.nn.Module):
         def __init__(self) -> None:
@@ -150,7 +165,7 @@ def make_swappable(inner, n_inputs: int, interface: Interface):
             try:
                 if not full:
                     return self.inner(*base_args)
-                params = {f"model.{n}": t for n, t in zip(full_names, full)}
+                params = {f"model.{injected_name(n, interface)}": t for n, t in zip(full_names, full)}
                 return torch.func.functional_call(self.inner, params, base_args, strict=False)
             finally:
                 set_lora(self.inner.model, interface, {})
@@ -171,7 +186,7 @@ def example_tensors(model, interface: Interface) -> tuple[list, list]:
         shapes += [{1: rank}, {0: rank}]
     params = dict(model.named_parameters())
     for name in interface.full_parameters:
-        args.append(params[name].detach().clone())
+        args.append(params[injected_name(name, interface)].detach().clone())
         shapes.append(None)
     return args, shapes
 
@@ -182,6 +197,8 @@ def export_swappable(wrapper, model, interface: Interface, base_args: list, base
     import onnx
     import torch
 
+    if opset not in MIN_ORT_FOR_OPSET:
+        raise UnsupportedError(f"opset {opset} is not supported; use one of {sorted(MIN_ORT_FOR_OPSET)}")
     extra, extra_shapes = example_tensors(model, interface)
     names = [*input_names, *interface.input_names]
     n_bytes = sum(p.numel() * p.element_size() for p in wrapper.parameters())
@@ -195,8 +212,10 @@ def export_swappable(wrapper, model, interface: Interface, base_args: list, base
             )
         except Exception as e:  # noqa: BLE001 - the exporter raises many types; name it and stop
             raise ExporterError(f"torch.onnx.export failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
-    if opset not in MIN_ORT_FOR_OPSET:
-        raise ExporterError(f"opset {opset} is not supported")
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as e:
+        raise ExporterError(f"{path.name}: the exported graph fails onnx.checker: {str(e)[:200]}") from None
     graph_inputs = [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
     lost = [n for n in names if n not in graph_inputs]
     if lost:
@@ -215,7 +234,7 @@ def base_defaults(model, interface: Interface) -> dict[str, np.ndarray]:
         out[lora_input(m, "lora_A")] = np.zeros((fan_in, 1), np.float32)
         out[lora_input(m, "lora_B")] = np.zeros((1, fan_out), np.float32)
     for name in interface.full_parameters:
-        out[name] = params[name].detach().float().numpy().copy()
+        out[name] = params[injected_name(name, interface)].detach().float().numpy().copy()
     return out
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BundleError, MismatchError, UserInputError
+from .loading import sha256_file
 
 ADAPTERS_DIR = "adapters"
 ADAPTER_SUFFIX = ".onnx_adapter"
@@ -177,6 +178,12 @@ def check_bundle_adapter(root: Path, manifest: dict[str, Any], name: str) -> Pat
     path = root / entry["file"]
     if not path.is_file():
         raise BundleError(f"{root}: adapter file {entry['file']} is missing; re-run add-adapter")
+    # Integrity before onnxruntime sees the file: the manifest's sha256 (itself checked against its checksum
+    # by read_manifest) must match.
+    want = (manifest.get("files") or {}).get(entry["file"])
+    if want is None or sha256_file(path) != want:
+        raise BundleError(f"adapter {name}: {entry['file']} does not match the sha256 in the manifest (changed or "
+                          "replaced); re-run add-adapter or re-export")
     graph = section["graph_sha256"]
     if entry["base_graph_sha256"] != graph:
         raise MismatchError(f"adapter {name}: made for base graph {entry['base_graph_sha256'][:12]}, this bundle's "

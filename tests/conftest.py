@@ -79,7 +79,7 @@ def factory(tmp_path_factory):
             if key not in cache:
                 out = root / f"swap-bundle-{family}"
                 first, second = self.swap_adapters(family)
-                quantize = ("int8", "int4") if family == "decoder" else ("int8",)
+                quantize = ("int8", "int4") if family == "decoder" else ("int8", "fp16")
                 report = run_pipeline(ExportSpec(adapter=first, out=out, quantize=quantize, keep_adapters=True,
                                                  adapters=(("first", first), ("second", second))))
                 cache[key] = (out, report)

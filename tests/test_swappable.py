@@ -169,22 +169,38 @@ def test_clash_and_foreign_file_are_refused(factory, tmp_path):
         ActiveAdapters(out, m, ["first", "second"])
     with pytest.raises(UserInputError, match="no adapter 'third'"):
         ActiveAdapters(out, m, ["third"])
-    # An adapter file made for another graph (model version from another sha), with a manifest that was
-    # edited to match its hash and tensors: the version written into the file still gives it away.
-    dst = _copy(out, tmp_path)
-    item = read_manifest(dst)["adapters"]["items"]["first"]
+    from exporter.bundle import file_hashes, write_manifest
+    from exporter.errors import BundleError
     from exporter.swappable import read_adapter_file
 
+    def rehash(root):  # a tampered bundle whose manifest was made consistent again
+        m2 = read_manifest(root)
+        m2["files"] = file_hashes(root)
+        write_manifest(root, m2)
+
+    # An adapter file made for another graph (model version from another sha): the hash catches it first;
+    # with the manifest re-hashed, the version written into the file still gives it away.
+    dst = _copy(out, tmp_path)
+    item = read_manifest(dst)["adapters"]["items"]["first"]
     _, tensors = read_adapter_file(dst / item["file"])
     arrays = {k: np.ones(s, np.float32) for k, (s, _) in tensors.items()}
     write_adapter_file(dst / item["file"], arrays, "f" * 64)
+    with pytest.raises(BundleError, match="does not match the sha256 in the manifest"):
+        check_bundle_adapter(dst, read_manifest(dst), "first")
+    r = CliRunner().invoke(cli, ["infer", str(dst), "--adapter", "first", "x"])
+    assert r.exit_code == 1 and "does not match the sha256" in r.stderr and "Traceback" not in r.output
+    rehash(dst)
     with pytest.raises(MismatchError, match="written for another base graph"):
         check_bundle_adapter(dst, read_manifest(dst), "first")
     # A swapped-in file of the other adapter: the manifest's record of shapes no longer matches.
     dst2 = _copy(out, tmp_path, "b2")
     shutil.copyfile(dst2 / "adapters" / "second.onnx_adapter", dst2 / "adapters" / "first.onnx_adapter")
-    with pytest.raises(MismatchError, match="does not hold what the manifest records"):
+    with pytest.raises(BundleError, match="does not match the sha256"):
         check_bundle_adapter(dst2, read_manifest(dst2), "first")
+    dst3 = _copy(dst2, tmp_path, "b3")
+    rehash(dst3)
+    with pytest.raises(MismatchError, match="does not hold what the manifest records"):
+        check_bundle_adapter(dst3, read_manifest(dst3), "first")
     r = CliRunner().invoke(cli, ["verify", str(dst2), "--json"])
     assert r.exit_code == 3
     rep = json.loads(r.stdout)
@@ -256,6 +272,8 @@ def test_add_adapter_refusals_leave_the_bundle_untouched(factory, tmp_path):
         (["--adapter", f"first={tmp_path / 'wider'}", "--base", str(base)], "already has an adapter named first"),
         (["--adapter", str(tmp_path / "wider")], "pass it with --base"),
         (["--adapter", str(tmp_path / "wider"), "--base", str(other_base)], "does not reproduce this bundle's base"),
+        (["--adapter", str(make_adapter(base, "bert", "text-classification", tmp_path / "two", labels=["n", "y"])),
+          "--base", str(base)], "has 2 labels, this bundle's graph serves a head of 3"),
     ]
     for args, needle in cases:
         r = CliRunner().invoke(cli, ["add-adapter", str(dst), *args, "-q"])
@@ -295,6 +313,12 @@ def test_export_refusals(factory, tmp_path):
         assert_clean_failure(r, out, needle)
     r = run_export(first, tmp_path / "o2", "--adapter", str(two_labels))
     assert r.exit_code == 2 and "need --keep-adapters" in r.output
+    # -o inside the second adapter's folder would destroy it.
+    inside = two_labels / "bundle"
+    r = CliRunner().invoke(cli, ["export", "--keep-adapters", "--adapter", str(first), "--adapter", str(two_labels),
+                                 "-o", str(inside), "-q"])
+    assert r.exit_code == 1 and "must not be an adapter folder (two)" in r.stderr
+    assert (two_labels / "adapter_model.safetensors").is_file() and not inside.exists()
 
 
 def test_decoder_adapters_generate_like_their_merged_exports(factory, tmp_path):
@@ -364,3 +388,84 @@ def test_rslora_scaling_is_folded_and_checked(factory, tmp_path):
     assert fp32["sentence_embedding"]["max_abs_diff"] <= 1e-4 and fp32["last_hidden_state"]["max_abs_diff"] <= 1e-4
     assert read_manifest(out)["adapters"]["base_gate"] == "all"  # feature extraction: no untrained head
     assert len(BundleModel(out, adapter="rs").infer(["hello"])[0]["embedding"]) == 32
+
+
+def test_lora_on_a_module_another_adapter_replaces_whole(factory, tmp_path):
+    """Adapter a has LoRA on bert.pooler.dense, adapter b saves the whole pooler: both are inputs of one graph."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    base = factory.base("bert")
+    paths = []
+    for name, targets, save, seed in (("a", ["query", "dense"], ["classifier"], 1),
+                                      ("b", ["query", "value"], ["classifier", "pooler"], 2)):
+        import torch
+
+        torch.manual_seed(seed)
+        pm = get_peft_model(AutoModelForSequenceClassification.from_pretrained(base, num_labels=3),
+                            LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, init_lora_weights=False,
+                                       target_modules=targets, modules_to_save=save))
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if ".modules_to_save." in n:
+                    p.add_(torch.randn_like(p) * 0.5)
+        pm.peft_config["default"].base_model_name_or_path = str(base)
+        pm.save_pretrained(tmp_path / name)
+        (tmp_path / name / "export_adapter.json").write_text(json.dumps({"labels": ["x", "y", "z"]}))
+        paths.append(f"{name}={tmp_path / name}")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, ["export", "--keep-adapters", "--adapter", paths[0], "--adapter", paths[1], "-o",
+                                 str(out), "-q", "--json"])
+    assert r.exit_code == 0, r.output
+    interface = read_manifest(out)["adapters"]["interface"]
+    assert "bert.pooler.dense" in interface["lora_modules"]
+    assert "bert.pooler.dense.weight" in interface["full_parameters"]
+    fp32 = json.loads(r.stdout)["variants"]["fp32"]
+    assert all(a["outputs"]["logits"]["max_abs_diff"] <= 1e-4 for a in fp32["adapters"].values())
+
+
+def test_gpt2_conv1d_lora_stays_swappable_whole_conv1d_is_refused(factory, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = factory.decoder_base("gpt2")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, ["export", "--keep-adapters", "--adapter", str(factory.decoder_adapter("gpt2")),
+                                 "-o", str(out), "--quantize", "int4", "-q", "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["variants"]["fp32"]["adapters"]["dadapter-gpt2"]["outputs"]["logits"]["greedy_exact"] == 1.0
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                        LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, init_lora_weights=False,
+                                   target_modules=["c_attn"], modules_to_save=["attn.c_proj"]))
+    pm.peft_config["default"].base_model_name_or_path = str(base)
+    pm.save_pretrained(tmp_path / "whole")
+    r = CliRunner().invoke(cli, ["export", "--keep-adapters", "--adapter", str(tmp_path / "whole"), "-o",
+                                 str(tmp_path / "o2"), "-q"])
+    assert_clean_failure(r, tmp_path / "o2", "saves the whole Conv1D layer")
+
+
+def test_add_adapter_parity_failure_leaves_the_bundle_untouched(factory, tmp_path, monkeypatch):
+    import exporter.verify as verify_mod
+
+    out, _ = factory.swap_bundle("encoder")
+    dst = _copy(out, tmp_path)
+    before = {p.relative_to(dst).as_posix(): sha256_file(p) for p in dst.rglob("*") if p.is_file()}
+    real = verify_mod.evaluate_variants
+
+    def failing(*args, **kwargs):
+        results = real(*args, **kwargs)
+        results["int8"]["passed"] = False
+        results["int8"]["failures"].append("adapter third: forced failure for the test")
+        return results
+
+    monkeypatch.setattr(verify_mod, "evaluate_variants", failing)
+    base = factory.base("bert")
+    third = make_adapter(base, "bert", "text-classification", tmp_path / "third", r=2, seed=3)
+    r = CliRunner().invoke(cli, ["add-adapter", str(dst), "--adapter", str(third), "--base", str(base), "-q"])
+    assert r.exit_code == 3 and "forced failure" in r.stderr and "is unchanged" in r.stderr
+    after = {p.relative_to(dst).as_posix(): sha256_file(p) for p in dst.rglob("*") if p.is_file()}
+    assert after == before
+    rejected = tmp_path / "bundle.rejected"
+    assert (rejected / "adapters" / "third.onnx_adapter").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle")]
