@@ -175,22 +175,32 @@ def run_pipeline(spec: ExportSpec, progress: Progress | None = None) -> Report:
     if "int4" in modes and task.name != "text-generation":
         raise UserInputError("--quantize int4 is for text-generation models; use int8 or fp16 for encoders")
     check_free_space(base, modes, out)
+    build = _build_decoder if task.name == "text-generation" else _build
+
+    def hint(report: dict[str, Any]) -> str:
+        failed = [v for v, r in report["variants"].items() if not r["passed"]]
+        others = [m for m in ("int8", "fp16") if m not in failed]
+        return (f"; fp32 passed: export without {', '.join(failed)} (--quantize {others[0] if others else 'none'})"
+                if "fp32" not in failed else "")
+
+    return _staged(out, spec.overwrite,
+                   lambda staging: build(spec, modes, stages, adapter, base, arch, task, staging), hint)
+
+
+def _staged(out: Path, overwrite: bool, build: Callable[[Path], dict[str, Any]],
+            hint: Callable[[dict[str, Any]], str] = lambda report: "") -> Report:
+    """Build in a staging folder beside OUT; publish it when every gate passed, else keep it as OUT.rejected."""
     with output_lock(out), quiet_libraries():
         staging = make_staging(out)
         try:
-            build = _build_decoder if task.name == "text-generation" else _build
-            report = build(spec, modes, stages, adapter, base, arch, task, staging)
+            report = build(staging)
             if report["passed"]:
-                publish(staging, out, spec.overwrite)
+                publish(staging, out, overwrite)
             else:
                 rejected = reject(staging, out)
-                failed = [v for v, r in report["variants"].items() if not r["passed"]]
-                others = [m for m in ("int8", "fp16") if m not in failed]
-                hint = (f"; fp32 passed: export without {', '.join(failed)} "
-                        f"(--quantize {others[0] if others else 'none'})" if "fp32" not in failed else "")
                 raise ParityError(
                     f"parity gate failed ({'; '.join(_first_failures(report))}); nothing was written to {out}, "
-                    f"diagnostics are in {rejected}{hint}",
+                    f"diagnostics are in {rejected}{hint(report)}",
                     report,
                 )
         except OSError as e:
@@ -240,23 +250,8 @@ def _run_swappable(spec: ExportSpec, modes: tuple[str, ...], stages: _Stages, ou
     if "int4" in modes and task.name != "text-generation":
         raise UserInputError("--quantize int4 is for text-generation models; use int8 or fp16 for encoders")
     check_free_space(base, modes, out)
-    with output_lock(out), quiet_libraries():
-        staging = make_staging(out)
-        try:
-            report = build_swappable(spec, modes, stages, adapters, base, arch, task, staging)
-            if report["passed"]:
-                publish(staging, out, spec.overwrite)
-            else:
-                rejected = reject(staging, out)
-                raise ParityError(f"parity gate failed ({'; '.join(_first_failures(report))}); nothing was written "
-                                  f"to {out}, diagnostics are in {rejected}", report)
-        except OSError as e:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise _disk_error(e, out) from None
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    return Report(report)
+    return _staged(out, spec.overwrite,
+                   lambda staging: build_swappable(spec, modes, stages, adapters, base, arch, task, staging))
 
 
 def _disk_error(e: OSError, out: Path) -> ExporterError:
@@ -421,7 +416,6 @@ def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Pat
     from .merge import apply_adapter, load_base_model, merge, resolve_labels
     from .parity import OutputInfo, adapter_effect
     from .probes import build_probes, load_tokenizer, save_arrays, synthetic_probes
-    from .quantize import quantize
     from .tasks import input_names as task_inputs
     from .verify import evaluate_variants
 
@@ -485,10 +479,7 @@ def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Pat
     # Free the torch model before onnxruntime sessions and quantizers load: peak memory is the max, not the sum.
     del merged, wrapper
     gc.collect()
-    artifacts = {"fp32": fp32}
-    for mode in modes:
-        artifacts[mode] = stages.run(f"quantize_{mode}", f"quantizing ({mode})",
-                                     lambda m=mode: quantize(fp32, m, staging))
+    artifacts = quantize_all(stages, spec, fp32, modes, staging)
 
     (staging / REFERENCE_DIR).mkdir()
     write_json(staging / PROBES_JSON, probes.to_json())
@@ -566,6 +557,18 @@ def choose_prompts(step, dio, fast_tok, names: tuple[str, ...], singles: list[di
     feeds = [encode(fast_tok, [PROBE_PROMPTS[i] for i in b], names) for b in batches]
     runs = [greedy(step, dio, f["input_ids"], f["attention_mask"], GREEDY_TOKENS) for f in feeds]
     return chosen, batches, feeds, runs
+
+
+def quantize_all(stages: _Stages, spec: ExportSpec, fp32, modes: tuple[str, ...], staging: Path) -> dict[str, Any]:
+    """The fp32 artifact and one quantized artifact per mode, as the variants of a bundle."""
+    from .quantize import quantize
+
+    artifacts = {"fp32": fp32}
+    for mode in modes:
+        artifacts[mode] = stages.run(f"quantize_{mode}", f"quantizing ({mode})",
+                                     lambda m=mode: quantize(fp32, m, staging, block_size=spec.int4_block_size,
+                                                             int4_embedding=spec.int4_embedding))
+    return artifacts
 
 
 def _manifest_head(spec: ExportSpec, task, base, adapter, num_parameters: int) -> dict[str, Any]:
@@ -700,7 +703,6 @@ def _build_decoder(spec, modes, stages: _Stages, adapter, base, arch, task, stag
     from .decoder import conv1d_to_linear, decoder_io, export_decoder, make_decoder_wrapper, torch_step
     from .merge import apply_adapter, load_base_model, merge
     from .probes import GREEDY_TOKENS, PROBE_PROMPTS, encode, load_tokenizer, save_arrays
-    from .quantize import quantize
     from .tolerances import decoder_thresholds_for
     from .verify import evaluate_variants
 
@@ -750,11 +752,7 @@ def _build_decoder(spec, modes, stages: _Stages, adapter, base, arch, task, stag
     # Free the torch model before onnxruntime sessions and quantizers load: peak memory is the max, not the sum.
     del merged, wrapper
     gc.collect()
-    artifacts = {"fp32": fp32}
-    for mode in modes:
-        artifacts[mode] = stages.run(f"quantize_{mode}", f"quantizing ({mode})",
-                                     lambda m=mode: quantize(fp32, m, staging, block_size=spec.int4_block_size,
-                                                             int4_embedding=spec.int4_embedding))
+    artifacts = quantize_all(stages, spec, fp32, modes, staging)
 
     (staging / REFERENCE_DIR).mkdir()
     write_json(staging / PROBES_JSON, {"texts": list(PROBE_PROMPTS), "batches": [list(b) for b in batches],

@@ -262,9 +262,9 @@ def build_swappable(spec, modes, stages, adapters: list[tuple[str, Any]], base, 
         _save_tokenizer,
         choose_prompts,
         eos_token_ids,
+        quantize_all,
     )
     from .probes import GREEDY_TOKENS, PROBE_PROMPTS, build_probes, encode, load_tokenizer, save_arrays
-    from .quantize import quantize
     from .swap_export import add_defaults, base_defaults, inject
     from .tasks import input_names as task_inputs
     from .tolerances import decoder_thresholds_for, thresholds_for
@@ -349,13 +349,9 @@ def build_swappable(spec, modes, stages, adapters: list[tuple[str, Any]], base, 
     eos_ids = eos_token_ids(graph_model.config, tok) if is_decoder else []
     del graph_model, params
     gc.collect()
-    artifacts = {"fp32": fp32}
     # Quantize while the adapter inputs have no initializers: the quantizers would otherwise treat the zero
     # defaults as weights and quantize the LoRA MatMuls; adapters stay float32 on every variant.
-    for mode in modes:
-        artifacts[mode] = stages.run(f"quantize_{mode}", f"quantizing ({mode})",
-                                     lambda m=mode: quantize(fp32, m, staging, block_size=spec.int4_block_size,
-                                                             int4_embedding=spec.int4_embedding))
+    artifacts = quantize_all(stages, spec, fp32, modes, staging)
     for art in artifacts.values():
         add_defaults(art, defaults)
     graph_sha = sha256_file(fp32.path)
