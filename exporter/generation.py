@@ -133,3 +133,9 @@ def stream(step: Step, io: DecoderIO, prompt_ids: list[int], *, max_new_tokens: 
         yield tok
         length += 1
         feeds = next_feeds(io, feeds, out, np.array([tok]))
+
+
+def run_arrays(runs) -> list[dict[str, np.ndarray]]:
+    """Greedy runs as the arrays a decoder reference stores: prompt logits, tokens, top-2 margins."""
+    return [{"logits": r.prefill_logits.astype(np.float32), "tokens": r.tokens,
+             "margins": r.margins.astype(np.float32)} for r in runs]

@@ -701,6 +701,7 @@ def _build_decoder(spec, modes, stages: _Stages, adapter, base, arch, task, stag
     import numpy as np
 
     from .decoder import conv1d_to_linear, decoder_io, export_decoder, make_decoder_wrapper, torch_step
+    from .generation import run_arrays
     from .merge import apply_adapter, load_base_model, merge
     from .probes import GREEDY_TOKENS, PROBE_PROMPTS, encode, load_tokenizer, save_arrays
     from .tolerances import decoder_thresholds_for
@@ -759,8 +760,7 @@ def _build_decoder(spec, modes, stages: _Stages, adapter, base, arch, task, stag
                                        "max_length": max_length, "max_new_tokens": GREEDY_TOKENS,
                                        "min_top2_margin": min_margin})
     save_arrays(staging / INPUTS_NPZ, list(feeds))
-    save_arrays(staging / OUTPUTS_NPZ, [{"logits": r.prefill_logits.astype(np.float32), "tokens": r.tokens,
-                                         "margins": r.margins.astype(np.float32)} for r in runs])
+    save_arrays(staging / OUTPUTS_NPZ, run_arrays(runs))
     _copy_base_docs(base, staging)
     manifest: dict[str, Any] = {
         **_manifest_head(spec, task, base, adapter, num_parameters),

@@ -37,6 +37,7 @@ from .bundle import (
     write_manifest,
 )
 from .errors import BundleError, MismatchError, ParityError, UnsupportedError, UserInputError, require_full
+from .generation import run_arrays
 from .parity import OutputInfo, _rows
 from .swappable import (
     ADAPTER_REFERENCE_DIR,
@@ -115,8 +116,7 @@ class _Decoder:
 
         step = torch_step(make_decoder_wrapper(model, self.dio), self.dio)
         runs = [greedy(step, self.dio, f["input_ids"], f["attention_mask"], self.max_new_tokens) for f in self.feeds]
-        return [{"logits": r.prefill_logits.astype(np.float32), "tokens": r.tokens,
-                 "margins": r.margins.astype(np.float32)} for r in runs]
+        return run_arrays(runs)
 
     def effect(self, ref: list[dict], base: list[dict]) -> dict[str, float]:
         return {"logits": self.max_diff(ref, base)}
@@ -136,6 +136,17 @@ class _Decoder:
                                 self.dio.output_names, path, opset)
 
 
+def _set_parameters(model, values: dict[str, np.ndarray]) -> None:
+    """Copy the given values into the model's parameters of the same name and shape (others are skipped)."""
+    import torch
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in values.items():
+            if name in params and tuple(params[name].shape) == tuple(value.shape):
+                params[name].copy_(torch.from_numpy(np.array(value)))
+
+
 @dataclass
 class _Prepared:
     name: str
@@ -153,7 +164,6 @@ def _prepare(name: str, ref, task, arch, base, labels, family, base_reference: l
              full_defaults: dict[str, Any], allow_pickle: bool, trust_remote_code: bool,
              warnings: list[str]) -> _Prepared:
     """One adapter: its graph tensors (from peft) and its reference (the PyTorch model with it merged)."""
-    import torch
 
     from .decoder import conv1d_to_linear
     from .loading import load_adapter_tensors
@@ -168,11 +178,7 @@ def _prepare(name: str, ref, task, arch, base, labels, family, base_reference: l
     _refuse_conv1d_tensors(name, model, full_tensor_names(ref.shapes))
     # Tensors no adapter trained (a randomly initialised head, say) must be the graph's own defaults, or the
     # merged reference and the graph would disagree for reasons that have nothing to do with the adapter.
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for pname, value in full_defaults.items():
-            if pname in params and tuple(params[pname].shape) == tuple(value.shape):
-                params[pname].copy_(torch.from_numpy(np.array(value)))
+    _set_parameters(model, full_defaults)
     peft_model, w = apply_adapter(model, ref, base, list(info.get("missing_keys", [])), allow_pickle)
     warnings.extend(f"adapter {name}: {x}" for x in w)
     tensors = load_adapter_tensors(ref.path, allow_pickle, ref.peft_type)
@@ -311,8 +317,7 @@ def build_swappable(spec, modes, stages, adapters: list[tuple[str, Any]], base, 
             "reference_base", "computing the base's PyTorch reference (greedy generation)", choose_prompts,
             torch_step(make_decoder_wrapper(graph_model, dio), dio), dio, fast_tok, names, singles)
         family: Any = _Decoder(dio, feeds, GREEDY_TOKENS)
-        base_reference = [{"logits": r.prefill_logits.astype(np.float32), "tokens": r.tokens,
-                           "margins": r.margins.astype(np.float32)} for r in runs]
+        base_reference = run_arrays(runs)
     else:
         names = task_inputs(arch, base.config.get("type_vocab_size"))
         limits = [spec.max_length, base.config.get("max_position_embeddings", spec.max_length)
@@ -484,16 +489,11 @@ def _add_locked(root: Path, adapter_path: Path, name: str, base: str | None, all
                                 f"{size}; adapters of one bundle share the head size: export it separately")
 
     def check_base():
-        import torch
 
         model, _ = load_base_model(task, base_ref, labels, trust_remote_code)
         if task.name == "text-generation":
             conv1d_to_linear(model)
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for pname, value in defaults.items():
-                if pname in params and tuple(params[pname].shape) == value.shape:
-                    params[pname].copy_(torch.from_numpy(np.array(value)))
+        _set_parameters(model, defaults)
         got = family.reference(model)
         diff = family.max_diff(got, base_reference)
         bound = FP32_ATOL + FP32_RTOL * max(float(np.abs(r[k]).max()) for r in base_reference for k in r
