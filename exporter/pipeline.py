@@ -37,9 +37,10 @@ from .bundle import (
     write_json,
     write_manifest,
 )
+from .cpu import cpu_features
 from .errors import ExporterError, MismatchError, ParityError, UserInputError, require_full
 from .export import DEFAULT_OPSET, MIN_ORT_FOR_OPSET
-from .probes import DEFAULT_MAX_LENGTH, PROBE_TEXTS
+from .probes import DEFAULT_MAX_LENGTH, MIN_VOCAB
 from .quantize import QUANTIZE_MODES
 from .report import render_markdown
 from .taskeval import PRIMARY_METRIC, TaskEvalSpec, judge, run_engine
@@ -77,6 +78,8 @@ class ExportSpec:
     # adapters/NAME.onnx_adapter files. ``adapter`` is then the first of them.
     adapters: tuple[tuple[str, Path], ...] = ()
     keep_adapters: bool = False
+    # export --probe-texts: the user's own texts (encoders) or prompts (decoders) to judge parity on.
+    probe_texts: Path | None = None
 
     def recorded(self) -> dict[str, Any]:
         """The effective settings as written into the bundle: no machine paths, no eval data."""
@@ -90,6 +93,7 @@ class ExportSpec:
         d["out"] = Path(self.out).name
         d["labels"] = list(self.labels) if self.labels else None
         d["quantize"] = list(self.quantize)
+        d["probe_texts"] = Path(self.probe_texts).name if self.probe_texts else None
         return d
 
 
@@ -361,7 +365,10 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model
 
 
 def _save_tokenizer(base, adapter, staging: Path, trust_remote_code: bool):
-    """The adapter's own tokenizer when it ships one (added tokens), else the base's; saved as tokenizer.json."""
+    """The adapter's own tokenizer when it ships one (added tokens), else the base's; saved as tokenizer.json.
+
+    Returns the transformers tokenizer and where its pad token came from ("tokenizer" or "eos").
+    """
 
     from .merge import adapter_vocab_size
 
@@ -393,21 +400,53 @@ def _load_tokenizer(location, what: str, base_vocab: int | None, adapter_vocab: 
         ) from None
     if not getattr(tok, "is_fast", False):
         raise UserInputError(f"{what}: the tokenizer cannot be converted to tokenizer.json (no fast version)")
+    pad_source = "tokenizer"
     if tok.pad_token is None:
-        raise UserInputError(f"{what}: the tokenizer has no pad token; padded batches need one")
+        # GPT-2, Llama, Mistral and TinyLlama ship without one; padding with EOS is what transformers users
+        # do. Padded positions are masked out, so the choice does not change any output (recorded).
+        if tok.eos_token is None:
+            raise UserInputError(f"{what}: the tokenizer has neither a pad nor an EOS token, so batches cannot be "
+                                 "padded; set tokenizer.pad_token and save it with the model")
+        tok.pad_token = tok.eos_token
+        pad_source = "eos"
+    if len(tok) < MIN_VOCAB:
+        raise UserInputError(f"{what}: the tokenizer's vocabulary has only {len(tok)} tokens, so it is empty or "
+                             "broken; use the model's own tokenizer files")
     vocab_size = adapter_vocab or base_vocab
     if vocab_size and len(tok) > vocab_size:
         raise UserInputError(
             f"{what}: the tokenizer has {len(tok)} tokens but the model only {vocab_size} embeddings; use the "
             "model's own tokenizer (an adapter that adds tokens must ship its tokenizer and embedding matrix)"
         )
-    ids = tok(" ".join(PROBE_TEXTS[:3]), add_special_tokens=False)["input_ids"]
-    if tok.unk_token_id is not None and ids.count(tok.unk_token_id) > len(ids) // 2:
-        raise UserInputError(
-            f"{what}: the tokenizer maps most English text to {tok.unk_token}; its vocabulary is missing or wrong"
-        )
     tok.save_pretrained(str(staging))
-    return tok
+    return tok, pad_source
+
+
+def probe_texts(spec: ExportSpec, fast_tok, family: str, warnings: list[str]):
+    """The texts parity runs on: --probe-texts, else the built-in ones, else texts made from the vocabulary."""
+    from .loading import read_text
+    from .probes import MAX_USER_PROBES, select_probe_texts
+
+    user = None
+    if spec.probe_texts is not None:
+        from .probes import parse_probe_file
+
+        limit = MAX_USER_PROBES[family]
+        user, total = parse_probe_file(read_text(Path(spec.probe_texts), "probe file"), str(spec.probe_texts),
+                                       limit)
+        if total > limit:
+            warnings.append(f"--probe-texts: used the first {limit} of {total} texts (parity re-runs them on every "
+                            "variant and on the device)")
+    return select_probe_texts(fast_tok, family, user, warnings)
+
+
+def encoder_probes(spec: ExportSpec, fast_tok, names: tuple[str, ...], max_length: int, warnings: list[str]):
+    """The encoder probe batches and the texts they hold (built-in mix, the user's, or vocabulary texts)."""
+    from .probes import PROBE_BATCHES, build_probes, user_batches
+
+    texts = probe_texts(spec, fast_tok, "encoder", warnings)
+    batches = user_batches(len(texts.texts)) if texts.source == "user" else PROBE_BATCHES
+    return build_probes(fast_tok, names, max_length, texts.texts, batches), texts
 
 
 def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Path) -> dict[str, Any]:
@@ -415,7 +454,7 @@ def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Pat
     from .loading import pooling_config
     from .merge import apply_adapter, load_base_model, merge, resolve_labels
     from .parity import OutputInfo, adapter_effect
-    from .probes import build_probes, load_tokenizer, save_arrays, synthetic_probes
+    from .probes import load_tokenizer, save_arrays, synthetic_probes
     from .tasks import input_names as task_inputs
     from .verify import evaluate_variants
 
@@ -425,19 +464,20 @@ def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Pat
     names = task_inputs(arch, base.config.get("type_vocab_size"))
     if spec.no_tokenizer:
         tok = fast_tok = None
+        pad_source = texts = None
         max_length = min(limits)
         probes = synthetic_probes(names, max_length, int(base.config.get("vocab_size", 1000)),
                                   int(base.config.get("pad_token_id") or 0))
         warnings.append("exported without a tokenizer (--no-tokenizer): the probes are synthetic token ids and "
                         "`infer` needs token ids from your own tokenizer")
     else:
-        tok = stages.run("tokenizer", "saving tokenizer", _save_tokenizer, base, adapter, staging,
-                         spec.trust_remote_code)
+        tok, pad_source = stages.run("tokenizer", "saving tokenizer", _save_tokenizer, base, adapter, staging,
+                                     spec.trust_remote_code)
         if 0 < tok.model_max_length < 1_000_000:
             limits.append(tok.model_max_length)
         max_length = min(limits)
         fast_tok = load_tokenizer(staging / "tokenizer.json", max_length, tok.pad_token_id, tok.pad_token)
-        probes = build_probes(fast_tok, names, max_length)
+        probes, texts = encoder_probes(spec, fast_tok, names, max_length, warnings)
     infos = [OutputInfo(o.name, "sequence" in o.axes, o.is_logits) for o in task.outputs]
     output_names = tuple(i.name for i in infos)
     labels = resolve_labels(task, arch, base, adapter, spec.labels)
@@ -479,7 +519,7 @@ def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Pat
     # Free the torch model before onnxruntime sessions and quantizers load: peak memory is the max, not the sum.
     del merged, wrapper
     gc.collect()
-    artifacts = quantize_all(stages, spec, fp32, modes, staging)
+    artifacts = quantize_all(stages, spec, fp32, modes, staging, decoder=False)
 
     (staging / REFERENCE_DIR).mkdir()
     write_json(staging / PROBES_JSON, probes.to_json())
@@ -489,8 +529,9 @@ def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Pat
 
     manifest: dict[str, Any] = {
         **_manifest_head(spec, task, base, adapter, num_parameters),
-        **_encoder_fields(task, names, labels, pooling, tok, max_length),
-        **_manifest_tail(spec, artifacts, thresholds_for, effect, required, meaningful),
+        **_encoder_fields(task, names, labels, pooling, tok, max_length, pad_source),
+        "probes": texts.manifest() if texts else {"source": "synthetic", "count": len(probes.feeds)},
+        **_manifest_tail(spec, artifacts, thresholds_for, effect, required, meaningful, decoder=False),
     }
     results = stages.run("verify", "checking parity with onnxruntime",
                          lambda: evaluate_variants(staging, manifest, list(artifacts)))
@@ -502,7 +543,8 @@ def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Pat
                    adapter)
 
 
-def _encoder_fields(task, names: tuple[str, ...], labels, pooling, tok, max_length: int) -> dict[str, Any]:
+def _encoder_fields(task, names: tuple[str, ...], labels, pooling, tok, max_length: int,
+                    pad_source: str | None) -> dict[str, Any]:
     """The manifest's description of an encoder graph: labels, inputs, outputs, pooling, tokenizer."""
     return {
         "labels": list(labels) if labels else None,
@@ -511,11 +553,13 @@ def _encoder_fields(task, names: tuple[str, ...], labels, pooling, tok, max_leng
                     for o in task.outputs],
         "pooling": pooling,
         "tokenizer": None if tok is None else {"file": "tokenizer.json", "max_length": max_length,
-                                               "pad_id": tok.pad_token_id, "pad_token": tok.pad_token},
+                                               "pad_id": tok.pad_token_id, "pad_token": tok.pad_token,
+                                               "pad_source": pad_source},
     }
 
 
-def _decoder_fields(dio, tok, max_length: int, positions: int, eos_ids: list[int]) -> dict[str, Any]:
+def _decoder_fields(dio, tok, max_length: int, positions: int, eos_ids: list[int],
+                    pad_source: str) -> dict[str, Any]:
     """The manifest's description of a KV-cache decoder graph and what generate needs."""
     chat_template = getattr(tok, "chat_template", None)
     return {
@@ -531,7 +575,7 @@ def _decoder_fields(dio, tok, max_length: int, positions: int, eos_ids: list[int
                      ["batch", "num_kv_heads", "total_sequence", "head_dim"]} for n in dio.output_names],
         "pooling": None,
         "tokenizer": {"file": "tokenizer.json", "max_length": max_length, "pad_id": tok.pad_token_id,
-                      "pad_token": tok.pad_token, "padding_side": "left"},
+                      "pad_token": tok.pad_token, "pad_source": pad_source, "padding_side": "left"},
         "generation": {"eos_token_ids": eos_ids, "context_length": int(positions),
                        "chat_template": chat_template if isinstance(chat_template, str) else None,
                        "bos_token": tok.bos_token, "eos_token": tok.eos_token},
@@ -544,29 +588,35 @@ def eos_token_ids(config, tok) -> list[int]:
         [tok.eos_token_id] if tok.eos_token_id is not None else [])
 
 
-def choose_prompts(step, dio, fast_tok, names: tuple[str, ...], singles: list[dict]):
-    """Keep the prompts whose greedy path is least tied (random test models have near-ties), then add one
-    left-padded batch of them all; returns (chosen, batches, feeds, greedy runs)."""
+def choose_prompts(step, dio, fast_tok, names: tuple[str, ...], prompts, singles: list[dict]):
+    """Built-in prompts: keep the four whose greedy path is least tied (random test models have near-ties);
+    a user's prompts are all kept. Then add one left-padded batch of them all; returns (chosen, batches,
+    feeds, greedy runs)."""
     from .generation import greedy
-    from .probes import GREEDY_TOKENS, PROBE_PROMPTS, encode
+    from .probes import GREEDY_TOKENS, encode
 
     alone = [greedy(step, dio, f["input_ids"], f["attention_mask"], GREEDY_TOKENS) for f in singles]
-    order = sorted(range(len(alone)), key=lambda i: -float(alone[i].margins.min()))[:4]
-    chosen = sorted(order)
+    if prompts.source == "user":
+        chosen = list(range(len(alone)))
+    else:
+        chosen = sorted(sorted(range(len(alone)), key=lambda i: -float(alone[i].margins.min()))[:4])
     batches = [(i,) for i in chosen] + [tuple(chosen)]
-    feeds = [encode(fast_tok, [PROBE_PROMPTS[i] for i in b], names) for b in batches]
-    runs = [greedy(step, dio, f["input_ids"], f["attention_mask"], GREEDY_TOKENS) for f in feeds]
+    feeds = [singles[i] for i in chosen] + [encode(fast_tok, [prompts.texts[i] for i in chosen], names)]
+    runs = [alone[i] for i in chosen] + [greedy(step, dio, feeds[-1]["input_ids"], feeds[-1]["attention_mask"],
+                                                GREEDY_TOKENS)]
     return chosen, batches, feeds, runs
 
 
-def quantize_all(stages: _Stages, spec: ExportSpec, fp32, modes: tuple[str, ...], staging: Path) -> dict[str, Any]:
+def quantize_all(stages: _Stages, spec: ExportSpec, fp32, modes: tuple[str, ...], staging: Path,
+                 decoder: bool) -> dict[str, Any]:
     """The fp32 artifact and one quantized artifact per mode, as the variants of a bundle."""
     from .quantize import quantize
 
     artifacts = {"fp32": fp32}
     for mode in modes:
         artifacts[mode] = stages.run(f"quantize_{mode}", f"quantizing ({mode})",
-                                     lambda m=mode: quantize(fp32, m, staging, block_size=spec.int4_block_size,
+                                     lambda m=mode: quantize(fp32, m, staging, decoder=decoder,
+                                                             block_size=spec.int4_block_size,
                                                              int4_embedding=spec.int4_embedding))
     return artifacts
 
@@ -587,21 +637,26 @@ def _manifest_head(spec: ExportSpec, task, base, adapter, num_parameters: int) -
 
 
 def _manifest_tail(spec: ExportSpec, artifacts: dict, thresholds: Callable[[str], dict], effect: dict,
-                   required: float, meaningful: bool) -> dict[str, Any]:
+                   required: float, meaningful: bool, decoder: bool) -> dict[str, Any]:
     """The manifest fields every family shares, last: reference files, variants and their gates."""
     return {
         "reference": {"probes": PROBES_JSON, "inputs": INPUTS_NPZ, "outputs": OUTPUTS_NPZ},
-        "variants": _variant_entries(artifacts, thresholds, spec),
+        "variants": _variant_entries(artifacts, thresholds, spec, decoder),
         "adapter_effect": {"max_abs_diff": effect, "required_min": required, "meaningful": meaningful},
         "spec": spec.recorded(),
         "versions": _versions(),
+        # The CPU the export's parity ran on (verify reports the device's beside it).
+        "verified_on": {"cpu": cpu_features()},
     }
 
 
-def _variant_entries(artifacts: dict, thresholds: Callable[[str], dict], spec: ExportSpec) -> dict[str, Any]:
+def _variant_entries(artifacts: dict, thresholds: Callable[[str], dict], spec: ExportSpec,
+                     decoder: bool) -> dict[str, Any]:
     """The manifest's variants: files, what each holds, and the gate verify must re-apply."""
-    dtypes = {"fp32": "float32", "fp16": "float16", "int8": "int8-dynamic-per-channel",
-              "int4": f"int4-weight-only-block{spec.int4_block_size}" + ("-embedding" if spec.int4_embedding else "")}
+    from .quantize import variant_dtype
+
+    dtypes = {name: variant_dtype(name, decoder=decoder, block_size=spec.int4_block_size,
+                                  int4_embedding=spec.int4_embedding) for name in artifacts}
     return {name: {"file": a.path.name, "data_files": [d.name for d in a.data_files], "dtype": dtypes[name],
                    "thresholds": thresholds(name)} for name, a in artifacts.items()}
 
@@ -703,18 +758,19 @@ def _build_decoder(spec, modes, stages: _Stages, adapter, base, arch, task, stag
     from .decoder import conv1d_to_linear, decoder_io, export_decoder, make_decoder_wrapper, torch_step
     from .generation import run_arrays
     from .merge import apply_adapter, load_base_model, merge
-    from .probes import GREEDY_TOKENS, PROBE_PROMPTS, encode, load_tokenizer, save_arrays
+    from .probes import GREEDY_TOKENS, encode, load_tokenizer, save_arrays
     from .tolerances import decoder_thresholds_for
     from .verify import evaluate_variants
 
     warnings: list[str] = []
-    tok = stages.run("tokenizer", "saving tokenizer", _save_tokenizer, base, adapter, staging,
-                     spec.trust_remote_code)
+    tok, pad_source = stages.run("tokenizer", "saving tokenizer", _save_tokenizer, base, adapter, staging,
+                                 spec.trust_remote_code)
     positions = base.config.get("max_position_embeddings") or base.config.get("n_positions") or spec.max_length
     max_length = min(spec.max_length, positions)
     fast_tok = load_tokenizer(staging / "tokenizer.json", max_length, tok.pad_token_id, tok.pad_token, "left")
     names = ("input_ids", "attention_mask")
-    singles = [encode(fast_tok, [p], names) for p in PROBE_PROMPTS]
+    prompts = probe_texts(spec, fast_tok, "decoder", warnings)
+    singles = [encode(fast_tok, [p], names) for p in prompts.texts]
 
     def build_torch():
         import torch
@@ -736,7 +792,8 @@ def _build_decoder(spec, modes, stages: _Stages, adapter, base, arch, task, stag
     wrapper = make_decoder_wrapper(merged, dio)
 
     chosen, batches, feeds, runs = stages.run("reference", "computing PyTorch reference (greedy generation)",
-                                              choose_prompts, torch_step(wrapper, dio), dio, fast_tok, names, singles)
+                                              choose_prompts, torch_step(wrapper, dio), dio, fast_tok, names, prompts,
+                                              singles)
     merged_singles = [runs[k].prefill_logits for k in range(len(chosen))]
     effect = {"logits": float(max(np.abs(m - base_logits[i]).max() for m, i in zip(merged_singles, chosen)))}
     required = ADAPTER_EFFECT_FACTOR * FP32_ATOL
@@ -753,19 +810,20 @@ def _build_decoder(spec, modes, stages: _Stages, adapter, base, arch, task, stag
     # Free the torch model before onnxruntime sessions and quantizers load: peak memory is the max, not the sum.
     del merged, wrapper
     gc.collect()
-    artifacts = quantize_all(stages, spec, fp32, modes, staging)
+    artifacts = quantize_all(stages, spec, fp32, modes, staging, decoder=True)
 
     (staging / REFERENCE_DIR).mkdir()
-    write_json(staging / PROBES_JSON, {"texts": list(PROBE_PROMPTS), "batches": [list(b) for b in batches],
+    write_json(staging / PROBES_JSON, {"texts": list(prompts.texts), "batches": [list(b) for b in batches],
                                        "max_length": max_length, "max_new_tokens": GREEDY_TOKENS,
-                                       "min_top2_margin": min_margin})
+                                       "min_top2_margin": min_margin, "source": prompts.source})
     save_arrays(staging / INPUTS_NPZ, list(feeds))
     save_arrays(staging / OUTPUTS_NPZ, run_arrays(runs))
     _copy_base_docs(base, staging)
     manifest: dict[str, Any] = {
         **_manifest_head(spec, task, base, adapter, num_parameters),
-        **_decoder_fields(dio, tok, max_length, positions, eos_ids),
-        **_manifest_tail(spec, artifacts, decoder_thresholds_for, effect, required, meaningful),
+        **_decoder_fields(dio, tok, max_length, positions, eos_ids, pad_source),
+        "probes": prompts.manifest(),
+        **_manifest_tail(spec, artifacts, decoder_thresholds_for, effect, required, meaningful, decoder=True),
     }
     results = stages.run("verify", "checking parity with onnxruntime (logits and greedy tokens)",
                          lambda: evaluate_variants(staging, manifest, list(artifacts)))

@@ -50,6 +50,119 @@ PROBE_PROMPTS: tuple[str, ...] = (
 GREEDY_TOKENS = 8
 
 
+# A probe set is judged on text the tokenizer can encode: when more than this share of the built-in English
+# probes' tokens are <unk> (a domain or non-English vocabulary), probes are made from the vocabulary instead.
+MAX_UNK_SHARE = 0.5
+# A vocabulary with fewer entries than this is broken (transformers 5 builds an empty one when a base ships
+# no tokenizer files), whatever its language.
+MIN_VOCAB = 16
+# User probe files (export --probe-texts): at most this many texts (encoders) or prompts (decoders) are used.
+MAX_USER_PROBES = {"encoder": 64, "decoder": 16}
+
+
+@dataclass(frozen=True)
+class ProbeTexts:
+    """The texts (encoders) or prompts (decoders) parity runs on, and where they came from."""
+
+    texts: tuple[str, ...]
+    source: str  # "builtin", "user" (export --probe-texts) or "vocabulary" (made from the tokenizer's tokens)
+    unk_share: float  # share of <unk> tokens in the built-in probes (0 when the tokenizer has no <unk>)
+
+    def manifest(self) -> dict:
+        return {"source": self.source, "count": len(self.texts), "builtin_unk_share": round(self.unk_share, 4)}
+
+
+def select_probe_texts(tok, family: str, user: tuple[str, ...] | None, warnings: list[str]) -> ProbeTexts:
+    """The user's texts, else the built-in ones when the tokenizer can encode them, else vocabulary texts.
+
+    ``tok`` is the bundle's tokenizers.Tokenizer; ``family`` is "encoder" or "decoder" (texts or prompts).
+    """
+    from .errors import UserInputError
+
+    defaults = PROBE_TEXTS if family == "encoder" else PROBE_PROMPTS
+    share = unk_share(tok, defaults)
+    if user is not None:
+        return ProbeTexts(tuple(user), "user", share)
+    if share <= MAX_UNK_SHARE:
+        return ProbeTexts(defaults, "builtin", share)
+    made = vocabulary_texts(tok, tuple(len(t.split()) for t in defaults))
+    if unk_share(tok, made) > MAX_UNK_SHARE:
+        raise UserInputError("the tokenizer maps even text made of its own tokens to <unk>, so it is broken; use the "
+                             "model's own tokenizer files")
+    warnings.append(f"the tokenizer maps {share:.0%} of the built-in English probes to <unk> (another language or a "
+                    "domain vocabulary): parity ran on texts made from its own vocabulary; pass --probe-texts FILE "
+                    "with in-domain text for a check on real inputs")
+    return ProbeTexts(made, "vocabulary", share)
+
+
+def unk_share(tok, texts: tuple[str, ...] | list[str]) -> float:
+    """Share of a tokenizers.Tokenizer's ids that are <unk> over these texts (0.0 without an unk token)."""
+    unk = _unk_id(tok)
+    if unk is None:
+        return 0.0
+    ids = [i for e in tok.encode_batch(list(texts), add_special_tokens=False) for i in e.ids]
+    return ids.count(unk) / max(len(ids), 1)
+
+
+def _unk_id(tok) -> int | None:
+    import json
+
+    model = json.loads(tok.to_str()).get("model", {})
+    unk = model.get("unk_token")
+    if unk is None and model.get("unk_id") is not None:  # Unigram stores the id
+        return int(model["unk_id"])
+    return tok.token_to_id(unk) if isinstance(unk, str) else None
+
+
+def vocabulary_texts(tok, lengths: tuple[int, ...], seed: int = 0) -> tuple[str, ...]:
+    """Deterministic texts made of the tokenizer's own (non-special) tokens, one per requested length."""
+    specials = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+    vocab = sorted((i, t) for t, i in tok.get_vocab().items() if t not in specials)
+    usable = [i for i, t in vocab if not t.startswith(("[", "<")) and t.strip("#▁Ġ ")] or [i for i, _ in vocab]
+    rng = np.random.default_rng(seed)
+    texts = []
+    for n in lengths:
+        text = tok.decode([int(i) for i in rng.choice(usable, size=max(n, 1))]).strip()
+        texts.append(text or tok.decode([usable[0]]))
+    return tuple(texts)
+
+
+def parse_probe_file(raw: str, where: str, limit: int) -> tuple[tuple[str, ...], int]:
+    """``export --probe-texts FILE``: one text per line, or JSON Lines of strings or {"text"|"prompt": ...}.
+
+    Returns the texts (at most ``limit``) and how many the file held.
+    """
+    import json
+
+    from .errors import UserInputError
+
+    lines = [(n, line) for n, line in enumerate(raw.splitlines(), 1) if line.strip()]
+    is_jsonl = bool(lines) and all(line.lstrip().startswith(("{", '"')) for _, line in lines)
+    texts = []
+    for n, line in lines:
+        if not is_jsonl:
+            texts.append(line)
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserInputError(f"{where}:{n}: not valid JSON (the file looks like JSON Lines)") from None
+        text = item if isinstance(item, str) else (item.get("text", item.get("prompt"))
+                                                    if isinstance(item, dict) else None)
+        if not isinstance(text, str) or not text.strip():
+            raise UserInputError(f"{where}:{n}: expected a string or an object with a \"text\" or \"prompt\" string")
+        texts.append(text)
+    if not texts:
+        raise UserInputError(f"{where}: the probe file holds no text; give one text per line")
+    return tuple(texts[:limit]), len(texts)
+
+
+def user_batches(n: int) -> tuple[tuple[int, ...], ...]:
+    """Batches over n user texts: the first three alone (no padding), then all of them in batches of 8."""
+    singles = tuple((i,) for i in range(min(n, 3)))
+    return singles + tuple(tuple(range(i, min(i + 8, n))) for i in range(0, n, 8))
+
+
 @dataclass(frozen=True)
 class ProbeSet:
     texts: tuple[str, ...]

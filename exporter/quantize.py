@@ -13,17 +13,34 @@ VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model
 DEFAULT_INT4_BLOCK = 32
 
 
-def quantize(fp32: OnnxArtifact, mode: str, out_dir: Path, *, block_size: int = DEFAULT_INT4_BLOCK,
+def variant_dtype(mode: str, *, decoder: bool, block_size: int = DEFAULT_INT4_BLOCK,
+                  int4_embedding: bool = False) -> str:
+    """What a variant holds, as recorded in the manifest (``variants.NAME.dtype``)."""
+    from .weightonly import INT8_BLOCK
+
+    if mode == "int8":
+        return f"int8-weight-only-block{INT8_BLOCK}" if decoder else "int8-dynamic-per-channel-u8u8"
+    if mode == "int4":
+        return f"int4-weight-only-block{block_size}-min-offset" + ("-int4-embedding" if int4_embedding else "")
+    return {"fp32": "float32", "fp16": "float16"}[mode]
+
+
+def quantize(fp32: OnnxArtifact, mode: str, out_dir: Path, *, decoder: bool, block_size: int = DEFAULT_INT4_BLOCK,
              int4_embedding: bool = False) -> OnnxArtifact:
+    """One quantized variant of the fp32 graph. Decoders get weight-only int8/int4, encoders dynamic int8."""
     if mode not in QUANTIZE_MODES:
         raise UnsupportedError(f"quantize mode {mode!r} is not supported; use one of: {', '.join(QUANTIZE_MODES)}, none")
     path = out_dir / VARIANT_FILES[mode]
     external = bool(fp32.data_files)
     try:
-        if mode == "int8":
+        if mode == "int8" and not decoder:
             _int8(fp32.path, path, external)
-        elif mode == "int4":
-            _int4(fp32.path, path, external, block_size, int4_embedding)
+        elif mode in ("int8", "int4"):
+            from .weightonly import INT8_BLOCK, WeightOnlySpec, quantize_weights
+
+            spec = (WeightOnlySpec(8, INT8_BLOCK) if mode == "int8"
+                    else WeightOnlySpec(4, block_size, 4 if int4_embedding else 8))
+            quantize_weights(fp32.path, path, spec, external)
         else:
             _fp16(fp32.path, path, external)
     except (ExporterError, OSError):
@@ -37,15 +54,21 @@ def quantize(fp32: OnnxArtifact, mode: str, out_dir: Path, *, block_size: int = 
 def _int8(src: Path, dst: Path, external: bool) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # Dynamic per-channel int8: measured accurate and 2-4x faster than torch eager on CPUs; full static
-    # QDQ gave wrong labels. The "run pre-processing" hint onnxruntime logs on the root logger does not
-    # apply to dynamic mode, so it is filtered out for the duration of the call.
+    # Dynamic per-channel int8 for encoders: 2-4x faster than torch eager; full static QDQ gave wrong labels.
+    # Weights are unsigned (U8U8): the default signed weights (U8S8) run on vpmaddubsw on CPUs without VNNI,
+    # whose int16 pair sums saturate (measured on AVX2: a MatMulInteger off by 44% of its value; MiniLM
+    # probabilities off by up to 0.40, tiny token classifiers failing their gate), while VNNI CPUs compute
+    # them exactly, so the same bundle scored differently per CPU. U8U8 kernels are exact on every ISA
+    # (tests/test_quant_numerics.py); measured MiniLM sentiment: max |dp| 0.146 vs 0.401, ~13% slower at
+    # b8 s128 on AVX2 than U8S8. reduce_range (7-bit weights) also avoids saturation but lost more (0.262).
+    # The "run pre-processing" hint onnxruntime logs on the root logger does not apply to dynamic mode,
+    # so it is filtered out for the duration of the call.
     root = logging.getLogger()
     hint = _DropMessage("pre-processing before quantization")
     root.addFilter(hint)
     try:
         quantize_dynamic(
-            str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=external
+            str(src), str(dst), per_channel=True, weight_type=QuantType.QUInt8, use_external_data_format=external
         )
     finally:
         root.removeFilter(hint)
@@ -58,22 +81,6 @@ class _DropMessage(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return self.needle not in record.getMessage()
-
-
-def _int4(src: Path, dst: Path, external: bool, block_size: int, embedding: bool) -> None:
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    # Weight-only 4-bit (MatMulNBits, contrib op of onnxruntime): activations stay float, so accuracy holds
-    # while weights shrink ~7x. Gather (the embedding) only on request: it is read once per token.
-    ops = ("MatMul", "Gather") if embedding else ("MatMul",)
-    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=True,
-                             op_types_to_quantize=ops)
-    q.process()
-    matmuls = [n for n in q.model.model.graph.node if n.op_type == "MatMulNBits"]
-    if not matmuls:
-        raise ExporterError(f"int4: no MatMul weight could be quantized in {src.name} (block size {block_size})")
-    q.model.save_model_to_file(str(dst), external)
 
 
 def _fp16(src: Path, dst: Path, external: bool) -> None:

@@ -178,6 +178,25 @@ _TASK_METRICS = {
 TASK_NAMES = ["text-classification", "token-classification", "feature-extraction", "text-generation"]
 VARIANT_NAMES = ["fp32", "int8", "fp16", "int4"]
 
+_CPU = {
+    "type": "object", "required": ["machine", "features", "isa"],
+    "properties": {"machine": {"type": "string"}, "model": {"type": "string"},
+                   "features": {"type": "array", "items": {"type": "string"},
+                                "description": "ISA features that select onnxruntime's kernels"},
+                   "isa": {"type": "string", "description": "e.g. x86_64 AVX2 (no AVX-512, no VNNI)"}},
+}
+
+_PROBES = {
+    "type": "object", "required": ["source", "count"],
+    "properties": {
+        "source": {"enum": ["builtin", "user", "vocabulary", "synthetic"],
+                   "description": "built-in English probes, export --probe-texts, texts made from the tokenizer's "
+                                  "vocabulary (it maps the built-in ones to <unk>), or token ids (--no-tokenizer)"},
+        "count": {"type": "integer"},
+        "builtin_unk_share": {"type": "number", "description": "share of <unk> in the built-in probes' tokens"},
+    },
+}
+
 MANIFEST_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "export-adapter bundle manifest",
@@ -215,6 +234,10 @@ MANIFEST_SCHEMA: dict[str, Any] = {
         "generation": {"type": "object", "required": ["eos_token_ids", "context_length"],
                        "description": "what generate needs: EOS ids, context length, the chat template"},
         "tokenizer": {"type": ["object", "null"], "required": ["file", "max_length", "pad_id", "pad_token"],
+                      "properties": {"pad_source": {"enum": ["tokenizer", "eos"],
+                                                    "description": "eos: the tokenizer had no pad token, so batches "
+                                                                   "are padded with EOS (masked out)"},
+                                     "padding_side": {"enum": ["left", "right"]}},
                       "description": "null when exported with --no-tokenizer"},
         "reference": {"type": "object", "required": ["probes", "inputs", "outputs"]},
         "variants": {
@@ -236,6 +259,9 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                      "additionalProperties": {"type": "string"}},
         "files": {"type": "object", "description": "sha256 of every file except manifest.json and its checksum",
                   "additionalProperties": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+        "probes": _PROBES,
+        "verified_on": {"type": "object", "properties": {"cpu": _CPU},
+                        "description": "the CPU the export's parity ran on"},
     },
 }
 
@@ -269,5 +295,8 @@ REPORT_SCHEMA: dict[str, Any] = {
                   "description": "export only: bytes per variant (graph + external data)"},
         "task_metrics": _TASK_METRICS,
         "training": {"type": ["object", "null"], "description": "run only: the fine-tuning summary"},
+        "cpu": {**_CPU, "description": "verify only: the CPU this verification ran on"},
+        "exported_on": {"oneOf": [_CPU, {"type": "null"}],
+                        "description": "verify only: the CPU the export was verified on (from the manifest)"},
     },
 }

@@ -267,10 +267,12 @@ def build_swappable(spec, modes, stages, adapters: list[tuple[str, Any]], base, 
         _manifest_tail,
         _save_tokenizer,
         choose_prompts,
+        encoder_probes,
         eos_token_ids,
+        probe_texts,
         quantize_all,
     )
-    from .probes import GREEDY_TOKENS, PROBE_PROMPTS, build_probes, encode, load_tokenizer, save_arrays
+    from .probes import GREEDY_TOKENS, encode, load_tokenizer, save_arrays
     from .swap_export import add_defaults, base_defaults, inject
     from .tasks import input_names as task_inputs
     from .tolerances import decoder_thresholds_for, thresholds_for
@@ -294,7 +296,8 @@ def build_swappable(spec, modes, stages, adapters: list[tuple[str, Any]], base, 
     if shipped:
         warnings.append(f"adapter(s) {', '.join(shipped)} ship a tokenizer; the bundle uses one tokenizer for all "
                         f"adapters (the first one's, else the base's)")
-    tok = stages.run("tokenizer", "saving tokenizer", _save_tokenizer, base, first, staging, spec.trust_remote_code)
+    tok, pad_source = stages.run("tokenizer", "saving tokenizer", _save_tokenizer, base, first, staging,
+                                 spec.trust_remote_code)
 
     def load_graph_model():
         import torch
@@ -311,11 +314,12 @@ def build_swappable(spec, modes, stages, adapters: list[tuple[str, Any]], base, 
         max_length = min(spec.max_length, positions)
         fast_tok = load_tokenizer(staging / "tokenizer.json", max_length, tok.pad_token_id, tok.pad_token, "left")
         names = ("input_ids", "attention_mask")
-        singles = [encode(fast_tok, [p], names) for p in PROBE_PROMPTS]
+        texts = probe_texts(spec, fast_tok, "decoder", warnings)
+        singles = [encode(fast_tok, [p], names) for p in texts.texts]
         dio = decoder_io(graph_model)
         chosen, batches, feeds, runs = stages.run(
             "reference_base", "computing the base's PyTorch reference (greedy generation)", choose_prompts,
-            torch_step(make_decoder_wrapper(graph_model, dio), dio), dio, fast_tok, names, singles)
+            torch_step(make_decoder_wrapper(graph_model, dio), dio), dio, fast_tok, names, texts, singles)
         family: Any = _Decoder(dio, feeds, GREEDY_TOKENS)
         base_reference = run_arrays(runs)
     else:
@@ -326,7 +330,7 @@ def build_swappable(spec, modes, stages, adapters: list[tuple[str, Any]], base, 
             limits.append(tok.model_max_length)
         max_length = min(limits)
         fast_tok = load_tokenizer(staging / "tokenizer.json", max_length, tok.pad_token_id, tok.pad_token)
-        probes = build_probes(fast_tok, names, max_length)
+        probes, texts = encoder_probes(spec, fast_tok, names, max_length, warnings)
         pooling = pooling_config(base) if task.name == "feature-extraction" else None
         family = _Encoder(task, names, pooling, list(probes.feeds))
         base_reference = stages.run("reference_base", "computing the base's PyTorch reference",
@@ -356,7 +360,7 @@ def build_swappable(spec, modes, stages, adapters: list[tuple[str, Any]], base, 
     gc.collect()
     # Quantize while the adapter inputs have no initializers: the quantizers would otherwise treat the zero
     # defaults as weights and quantize the LoRA MatMuls; adapters stay float32 on every variant.
-    artifacts = quantize_all(stages, spec, fp32, modes, staging)
+    artifacts = quantize_all(stages, spec, fp32, modes, staging, decoder=is_decoder)
     for art in artifacts.values():
         add_defaults(art, defaults)
     graph_sha = sha256_file(fp32.path)
@@ -364,7 +368,7 @@ def build_swappable(spec, modes, stages, adapters: list[tuple[str, Any]], base, 
     required = ADAPTER_EFFECT_FACTOR * FP32_ATOL
     (staging / REFERENCE_DIR).mkdir(exist_ok=True)
     if is_decoder:
-        write_json(staging / PROBES_JSON, {"texts": list(PROBE_PROMPTS), "batches": [list(b) for b in batches],
+        write_json(staging / PROBES_JSON, {"texts": list(texts.texts), "batches": [list(b) for b in batches],
                                            "max_length": max_length, "max_new_tokens": GREEDY_TOKENS,
                                            "min_top2_margin": float(min(r.margins.min() for r in runs))})
         save_arrays(staging / INPUTS_NPZ, list(feeds))
@@ -383,13 +387,15 @@ def build_swappable(spec, modes, stages, adapters: list[tuple[str, Any]], base, 
     effect = {k: min(p.effect[k] for p in prepared) for k in prepared[0].effect}
     meaningful = all(max(p.effect.values()) >= required for p in prepared)
     all_labels = {v for v in labels_by_name.values()}
-    fields = (_decoder_fields(dio, tok, max_length, positions, eos_ids) if is_decoder else
-              _encoder_fields(task, names, labels if len(all_labels) == 1 else None, pooling, tok, max_length))
+    fields = (_decoder_fields(dio, tok, max_length, positions, eos_ids, pad_source) if is_decoder else
+              _encoder_fields(task, names, labels if len(all_labels) == 1 else None, pooling, tok, max_length,
+                              pad_source))
     manifest: dict[str, Any] = {
         **_manifest_head(spec, task, base, first, num_parameters),
         **fields,
+        "probes": texts.manifest(),
         **_manifest_tail(spec, artifacts, decoder_thresholds_for if is_decoder else thresholds_for, effect,
-                         required, meaningful),
+                         required, meaningful, decoder=is_decoder),
     }
     manifest["adapter"] = None
     manifest["adapters"] = {

@@ -14,6 +14,7 @@ import numpy as np
 
 from . import __version__
 from .bundle import INPUTS_NPZ, OUTPUTS_NPZ, PROBES_JSON, check_integrity, read_manifest
+from .cpu import cpu_features
 from .errors import BundleError, ExporterError
 from .parity import compare_variant
 from .probes import encode, load_arrays
@@ -230,6 +231,8 @@ def verify_bundle(
         "variants": results,
         "adapter_effect": manifest.get("adapter_effect"),
         "warnings": [],
+        "cpu": cpu_features(),
+        "exported_on": (manifest.get("verified_on") or {}).get("cpu"),
         **({"adapters": adapters_summary(manifest)} if manifest.get("adapters") else {}),
     }
 

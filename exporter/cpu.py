@@ -1,0 +1,57 @@
+"""The CPU a bundle is verified on: architecture and the instruction-set features that pick onnxruntime's kernels.
+
+Quantized variants use only kernels whose integer arithmetic is exact on every ISA (see weightonly.py and
+quantize.py), so their numbers should not depend on the CPU; float reductions still differ in their last bits
+between AVX2, AVX-512 and NEON code paths. The manifest records the exporting CPU, and ``verify`` reports the
+device's, so a reviewer can see where each verdict was reached. Torch-free.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+# The features that select onnxruntime's CPU kernels (MLAS): x86 ISA levels, VNNI/AMX int8 paths, ARM dot
+# product / matrix multiply and fp16 arithmetic.
+_X86 = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
+        "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")
+_ARM = ("asimd", "asimddp", "asimdhp", "fphp", "i8mm", "bf16", "sve", "sve2")
+
+
+def cpu_features(cpuinfo: str | None = None) -> dict[str, Any]:
+    """{"machine", "model", "features", "isa"}: what the kernels of this CPU can use (Linux /proc/cpuinfo)."""
+    machine = platform.machine().lower()
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip().lower(), value.strip())
+    flags = set((fields.get("flags") or fields.get("features") or "").split())
+    known = _X86 if machine in ("x86_64", "amd64", "i686", "x86") else _ARM
+    present = [f for f in known if f in flags]
+    return {"machine": machine, "model": fields.get("model name") or fields.get("cpu part") or platform.processor(),
+            "features": present, "isa": isa_summary(machine, present)}
+
+
+def isa_summary(machine: str, features: list[str]) -> str:
+    """One line a person can compare: e.g. "x86_64 AVX2 (no AVX-512, no VNNI)"."""
+    f = set(features)
+    if machine in ("x86_64", "amd64"):
+        level = "AVX-512" if "avx512f" in f else "AVX2" if "avx2" in f else "AVX" if "avx" in f else "SSE4.2" \
+            if "sse4_2" in f else "baseline"
+        vnni = "avx512_vnni" in f or "avx_vnni" in f
+        extra = [] if level == "AVX-512" else ["no AVX-512"]
+        extra.append("VNNI" if vnni else "no VNNI")
+        if "amx_int8" in f:
+            extra.append("AMX")
+        return f"{machine} {level} ({', '.join(extra)})"
+    if machine in ("aarch64", "arm64"):
+        names = [n for n, k in (("dotprod", "asimddp"), ("i8mm", "i8mm"), ("fp16", "asimdhp"), ("SVE", "sve"))
+                 if k in f]
+        return f"{machine} NEON" + (f" ({', '.join(names)})" if names else " (no dotprod)")
+    return machine
