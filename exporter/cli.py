@@ -183,9 +183,10 @@ def _print_summary(report: dict[str, Any], out: Path) -> None:
             click.echo(f"        {f}")
     tm = report.get("task_metrics")
     if tm:
-        shown = ", ".join(f"{v} {m['value']:.4f}" for v, m in tm["variants"].items())
+        shown = ", ".join(f"{v} {m['value']:.4f} (-{m.get('worse', 0)}/+{m.get('better', 0)})"
+                          for v, m in tm["variants"].items())
         click.echo(f"  {tm['metric']} on {tm['n_examples']} eval examples: PyTorch {tm['torch']:.4f}, {shown} "
-                   f"(max drop {tm['max_drop']})")
+                   f"(max drop {tm['max_drop']} unless not significant; -worse/+better {tm.get('units', 'units')})")
     for w in report.get("warnings") or []:
         click.echo(f"warning: {w}", err=True)
 
@@ -338,8 +339,8 @@ def finetune(recipe_file: Path, out: Path, epochs, max_steps, learning_rate, bat
 @click.argument("recipe_file", metavar="RECIPE", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
 @_training_options
-@click.option("--quantize", "quantize", multiple=True, type=click.Choice(["int8", "fp16", "none"]),
-              help="Override export.quantize; repeatable.")
+@click.option("--quantize", "quantize", multiple=True, type=click.Choice(["int8", "int4", "fp16", "none"]),
+              help="Override export.quantize; repeatable (int4: text-generation recipes).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only after every check passed).")
 @click.option("--json", "as_json", is_flag=True, help="Print the Report (same object as parity.json) on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
@@ -347,8 +348,9 @@ def run(recipe_file: Path, out: Path, epochs, max_steps, learning_rate, batch_si
         quantize: tuple[str, ...], overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Fine-tune, merge, export, quantize and verify in one go: a recipe to a verified bundle.
 
-    The report adds task-level parity: the task metric (accuracy, entity F1) of PyTorch next to each ONNX
-    variant on the recipe's eval data, gated by tolerances.max_metric_drop. Exit 3 when a gate fails.
+    The report adds task-level parity: the task metric (accuracy, entity F1; for text-generation the token
+    accuracy and perplexity of the reference responses) of PyTorch next to each ONNX variant on the recipe's
+    eval data, gated by tolerances.max_metric_drop. Exit 3 when a gate fails.
     """
     require_full("run", FULL_MODULES + RECIPE_MODULES)
     from .pipeline import run_recipe

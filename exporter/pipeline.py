@@ -313,21 +313,26 @@ def quiet_libraries() -> Iterator[None]:
 
 
 def _score_variants(staging: Path, artifacts: dict, eval_set, torch_metrics: dict, spec: TaskEvalSpec,
-                    results: dict) -> dict[str, Any]:
-    """Each variant's task metric next to PyTorch's; a drop over the recipe's tolerance fails the variant."""
+                    results: dict, logits: Callable | None = None) -> dict[str, Any]:
+    """Each variant's task metric next to PyTorch's; a drop over the recipe's tolerance fails the variant.
+
+    ``logits(session, feeds)`` runs one eval batch (default: the graph's inputs are the feeds).
+    """
     from .runtime import make_session
 
+    logits = logits or (lambda session, feeds: session.run(["logits"], feeds)[0])
     variant_metrics = {}
     for name, art in artifacts.items():
         session = make_session(art.path)
-        variant_metrics[name] = run_engine(eval_set, lambda f, s=session: s.run(["logits"], f)[0])
+        variant_metrics[name] = run_engine(eval_set, lambda f, s=session: logits(s, f))
     judged = judge(eval_set.task, torch_metrics, variant_metrics, spec.max_metric_drop, len(spec.rows))
     for name, v in judged["variants"].items():
         if not v["passed"]:
             results[name]["passed"] = False
             results[name]["failures"].append(
                 f"task metric {judged['metric']} {v['value']:.4f} vs PyTorch {judged['torch']:.4f}: drop "
-                f"{v['drop']:.4f} > {spec.max_metric_drop}"
+                f"{v['drop']:.4f} > {spec.max_metric_drop}, and it is real: {v['worse']} {judged['units']} got "
+                f"worse, {v['better']} better (McNemar p = {v['p_value']:.3g} < {judged['significance']})"
             )
     return judged
 
@@ -562,6 +567,8 @@ def _decoder_fields(dio, tok, max_length: int, positions: int, eos_ids: list[int
                     pad_source: str) -> dict[str, Any]:
     """The manifest's description of a KV-cache decoder graph and what generate needs."""
     chat_template = getattr(tok, "chat_template", None)
+    if isinstance(chat_template, str):
+        check_chat_template(chat_template, tok)
     return {
         "family": "decoder",
         "labels": None,
@@ -580,6 +587,19 @@ def _decoder_fields(dio, tok, max_length: int, positions: int, eos_ids: list[int
                        "chat_template": chat_template if isinstance(chat_template, str) else None,
                        "bos_token": tok.bos_token, "eos_token": tok.eos_token},
     }
+
+
+def check_chat_template(template: str, tok) -> None:
+    """Refuse at export a chat template that the device's sandbox would refuse (or that cannot render)."""
+    from .errors import BundleError
+    from .runtime import render_chat_template
+
+    try:
+        render_chat_template(template, [{"role": "user", "content": "Hello"}], bos_token=tok.bos_token or "",
+                             eos_token=tok.eos_token or "")
+    except BundleError as e:
+        raise UserInputError(f"the tokenizer's chat template is refused: {str(e).removeprefix('the chat template ')}; "
+                             "remove chat_template from tokenizer_config.json or use the model's own") from None
 
 
 def eos_token_ids(config, tok) -> list[int]:
@@ -721,11 +741,6 @@ def run_recipe(recipe, out: Path, *, overwrite: bool = False, quiet: bool = Fals
     require_full("run")
     out = Path(out)
     check_out(out, overwrite)
-    if recipe.task == "text-generation":
-        from .errors import UnsupportedError
-
-        raise UnsupportedError("export of text-generation recipes arrives with decoder export; "
-                               "run `export-adapter finetune` for now")
     adapter_dir = out.parent / f".{out.name}.adapter"
     stages = _Stages(progress)
     trained = stages.run("finetune", f"fine-tuning LoRA on {recipe.base}", finetune, recipe, adapter_dir,
@@ -735,6 +750,9 @@ def run_recipe(recipe, out: Path, *, overwrite: bool = False, quiet: bool = Fals
     if recipe.task in ("text-classification", "token-classification"):
         task_eval = TaskEvalSpec(tuple(data.eval), recipe.data.text_column, recipe.data.label_column,
                                  recipe.tolerances.max_metric_drop)
+    elif recipe.task == "text-generation":
+        task_eval = TaskEvalSpec(tuple(data.eval), recipe.data.prompt_column, recipe.data.response_column,
+                                 recipe.tolerances.max_metric_drop, recipe.training.max_length)
     spec = ExportSpec(
         adapter=adapter_dir, out=out, base=recipe.base, revision=recipe.revision, task=recipe.task,
         labels=tuple(data.labels) if data.labels else None, quantize=tuple(recipe.export.quantize),
@@ -756,7 +774,7 @@ def _build_decoder(spec, modes, stages: _Stages, adapter, base, arch, task, stag
     import numpy as np
 
     from .decoder import conv1d_to_linear, decoder_io, export_decoder, make_decoder_wrapper, torch_step
-    from .generation import run_arrays
+    from .generation import prefill_feeds, run_arrays
     from .merge import apply_adapter, load_base_model, merge
     from .probes import GREEDY_TOKENS, encode, load_tokenizer, save_arrays
     from .tolerances import decoder_thresholds_for
@@ -790,6 +808,13 @@ def _build_decoder(spec, modes, stages: _Stages, adapter, base, arch, task, stag
     merged, base_logits = stages.run("merge", "loading base and merging adapter", build_torch)
     dio = decoder_io(merged)
     wrapper = make_decoder_wrapper(merged, dio)
+    eval_set = torch_metrics = None
+    if spec.task_eval is not None:
+        eval_set = prepare_decoder_eval(spec.task_eval, staging / "tokenizer.json", tok)
+        step = torch_step(wrapper, dio)
+        torch_metrics = stages.run(
+            "task_eval_torch", f"scoring PyTorch on {len(spec.task_eval.rows)} eval responses", run_engine, eval_set,
+            lambda f: step(prefill_feeds(dio, f["input_ids"], f["attention_mask"]))["logits"])
 
     chosen, batches, feeds, runs = stages.run("reference", "computing PyTorch reference (greedy generation)",
                                               choose_prompts, torch_step(wrapper, dio), dio, fast_tok, names, prompts,
@@ -827,4 +852,31 @@ def _build_decoder(spec, modes, stages: _Stages, adapter, base, arch, task, stag
     }
     results = stages.run("verify", "checking parity with onnxruntime (logits and greedy tokens)",
                          lambda: evaluate_variants(staging, manifest, list(artifacts)))
-    return _finish(staging, spec, modes, manifest, results, warnings, stages, task, artifacts, None, adapter)
+    task_metrics = None
+    if eval_set is not None:
+        def onnx_logits(session, f):
+            return session.run(["logits"], prefill_feeds(dio, f["input_ids"], f["attention_mask"]))[0]
+
+        task_metrics = stages.run("task_eval_onnx", "scoring ONNX variants on the eval responses", _score_variants,
+                                  staging, artifacts, eval_set, torch_metrics, spec.task_eval, results, onnx_logits)
+    return _finish(staging, spec, modes, manifest, results, warnings, stages, task, artifacts, task_metrics,
+                   adapter)
+
+
+def prepare_decoder_eval(spec: TaskEvalSpec, tokenizer_file: Path, tok):
+    """The recipe's eval rows as fine-tuning saw them: the chat template (rendered in the sandbox, like
+    ``generate --chat``) or prompt + newline, then the response and EOS; the bundle's own tokenizer."""
+    from tokenizers import Tokenizer
+
+    from .runtime import render_chat_template
+    from .taskeval import prepare_decoder
+
+    template = getattr(tok, "chat_template", None)
+
+    def fmt(prompt: str) -> str:
+        if not isinstance(template, str):
+            return prompt + "\n"
+        return render_chat_template(template, [{"role": "user", "content": prompt}], bos_token=tok.bos_token or "",
+                                    eos_token=tok.eos_token or "")
+
+    return prepare_decoder(spec, Tokenizer.from_file(str(tokenizer_file)), fmt, tok.eos_token or "", spec.max_length)

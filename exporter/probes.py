@@ -100,7 +100,9 @@ def unk_share(tok, texts: tuple[str, ...] | list[str]) -> float:
     unk = _unk_id(tok)
     if unk is None:
         return 0.0
-    ids = [i for e in tok.encode_batch(list(texts), add_special_tokens=False) for i in e.ids]
+    # Padding positions (the bundle's tokenizer pads batches) are not text.
+    ids = [i for e in tok.encode_batch(list(texts), add_special_tokens=False)
+           for i, keep in zip(e.ids, e.attention_mask) if keep]
     return ids.count(unk) / max(len(ids), 1)
 
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import UserInputError
 
 Task = Literal["text-classification", "token-classification", "feature-extraction", "text-generation"]
-QuantizeMode = Literal["int8", "fp16", "none"]
+QuantizeMode = Literal["int8", "int4", "fp16", "none"]
 
 
 class _Strict(BaseModel):
@@ -69,12 +69,14 @@ class ExportSettings(_Strict):
 class Tolerances(_Strict):
     max_metric_drop: float = Field(
         0.01, ge=0, le=1,
-        description="Largest allowed drop of the task metric (accuracy, entity F1) from PyTorch to any ONNX variant.",
+        description="Largest allowed drop of the task metric (accuracy, entity F1, the token accuracy of the reference "
+        "responses for text-generation) from PyTorch to any ONNX variant.",
     )
 
 
 class Recipe(_Strict):
-    base: str = Field(description="Base model: embedded:all-MiniLM-L6-v2, a local folder or a hub id.")
+    base: str = Field(description="Base model: embedded:all-MiniLM-L6-v2, embedded:SmolLM2-135M-Instruct, a local "
+                      "folder or a hub id.")
     revision: str | None = Field(None, description="Hub revision of the base.")
     task: Task
     data: DataSpec

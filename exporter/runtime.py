@@ -139,6 +139,31 @@ class BundleModel:
         return [{"text": t, "embedding": [float(x) for x in e]} for t, e in zip(texts, emb)]
 
 
+def render_chat_template(template: str, messages: list[dict[str, str]], **special: str) -> str:
+    """Render a tokenizer's chat template in jinja2's immutable sandbox (templates come from strangers' files).
+
+    Like transformers: trim_blocks/lstrip_blocks, a ``raise_exception`` helper, add_generation_prompt=True.
+    A template that reaches for Python internals is refused with one line, never run.
+    """
+    try:
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+    except ImportError:
+        raise UserInputError("--chat renders the tokenizer's Jinja chat template: pip install jinja2") from None
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=True, **special)
+    except SecurityError as e:
+        raise BundleError(f"the chat template tried an unsafe operation ({str(e)[:120]}); it was not run") from None
+    except TemplateError as e:
+        raise BundleError(f"the chat template cannot be rendered ({str(e).splitlines()[0][:120]})") from None
+
+
 class BundleGenerator:
     """Text generation with a decoder bundle, without torch: ``BundleGenerator(path).stream("Hello")``.
 
@@ -174,15 +199,8 @@ class BundleGenerator:
         template = self.gen.get("chat_template")
         if not template:
             raise UserInputError(f"{self.root}: the tokenizer has no chat template; drop --chat")
-        try:
-            import jinja2
-        except ImportError:
-            raise UserInputError("--chat renders the tokenizer's Jinja chat template: pip install jinja2") from None
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-        return env.from_string(template).render(
-            messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
-            bos_token=self.gen.get("bos_token") or "", eos_token=self.gen.get("eos_token") or "",
-        )
+        return render_chat_template(template, [{"role": "user", "content": prompt}],
+                                    bos_token=self.gen.get("bos_token") or "", eos_token=self.gen.get("eos_token") or "")
 
     def stream(self, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None, stop: list[str] | None = None, chat: bool = False):

@@ -163,14 +163,21 @@ _TASK_METRICS = {
     "description": "run only: the task metric of PyTorch and of each variant on the user's eval data",
     "required": ["metric", "n_examples", "max_drop", "torch", "variants"],
     "properties": {
-        "metric": {"enum": ["accuracy", "entity_f1"]},
+        "metric": {"enum": ["accuracy", "entity_f1", "token_accuracy"]},
         "n_examples": {"type": "integer"},
+        "units": {"type": "string", "description": "what is paired: sentences, words or response tokens"},
+        "n_units": {"type": "integer"},
         "max_drop": {"type": "number"},
+        "significance": {"type": "number", "description": "a drop over max_drop fails only when McNemar's p is "
+                                                           "below this (the drop is real, not noise)"},
         "torch": {"type": "number"},
         "torch_all": {"type": "object"},
         "variants": {"type": "object", "additionalProperties": {
             "type": "object", "required": ["value", "drop", "passed"],
             "properties": {"value": {"type": "number"}, "drop": {"type": "number"}, "passed": {"type": "boolean"},
+                           "worse": {"type": "integer", "description": "units PyTorch got right, this variant wrong"},
+                           "better": {"type": "integer", "description": "units this variant got right, PyTorch wrong"},
+                           "p_value": {"type": "number", "description": "exact one-sided McNemar test"},
                            "all": {"type": "object"}}}},
     },
 }

@@ -58,11 +58,31 @@ def test_entity_f1_seqeval_style():
     assert m["entity_f1"] == pytest.approx(1 / 3) and m["entity_precision"] == pytest.approx(1 / 3)
 
 
-def test_judge_gates_the_drop():
-    j = judge("text-classification", {"accuracy": 0.95},
-              {"fp32": {"accuracy": 0.95}, "int8": {"accuracy": 0.935}, "fp16": {"accuracy": 0.94}}, 0.01, 200)
-    assert j["variants"]["fp32"]["passed"] and j["variants"]["fp16"]["passed"]
-    assert not j["variants"]["int8"]["passed"] and j["variants"]["int8"]["drop"] == pytest.approx(0.015)
+def _scored(acc_units: list[bool], **metrics):
+    import numpy as np
+
+    from exporter.taskeval import Scored
+
+    return Scored({"accuracy": float(np.mean(acc_units)), **metrics}, np.array(acc_units, dtype=bool))
+
+
+def test_judge_fails_a_real_drop_and_passes_noise():
+    torch = _scored([True] * 190 + [False] * 10)
+    # 3 sentences lost, 0 gained: a 0.015 drop, but p = 0.125 (3 coin flips): noise, passes.
+    noisy = _scored([True] * 187 + [False] * 13)
+    # 12 lost, 2 gained: drop 0.05 with p = 0.0065: a real drop, fails.
+    real = _scored([True] * 178 + [False] * 12 + [True] * 2 + [False] * 8)
+    same = _scored([True] * 190 + [False] * 10)
+    j = judge("text-classification", torch, {"fp32": same, "int8": noisy, "fp16": real}, 0.01, 200)
+    v = j["variants"]
+    assert v["fp32"]["passed"] and v["fp32"]["worse"] == v["fp32"]["better"] == 0
+    assert v["int8"]["passed"] and v["int8"]["drop"] == pytest.approx(0.015) and v["int8"]["worse"] == 3
+    assert v["int8"]["p_value"] == pytest.approx(0.125)
+    assert not v["fp16"]["passed"] and (v["fp16"]["worse"], v["fp16"]["better"]) == (12, 2)
+    assert v["fp16"]["p_value"] == pytest.approx(sum(__import__("math").comb(14, k) for k in range(12, 15)) / 2**14)
+    # A significant drop within the tolerance passes too: the recipe allows it.
+    small = judge("text-classification", torch, {"int8": real}, 0.06, 200)
+    assert small["variants"]["int8"]["passed"]
 
 
 def test_task_metric_drop_fails_the_export(factory, tmp_path, monkeypatch):
@@ -76,7 +96,8 @@ def test_task_metric_drop_fails_the_export(factory, tmp_path, monkeypatch):
 
     def fake_engine(ev, fn):
         calls.append(1)
-        return {"accuracy": 1.0 if len(calls) == 1 else 0.5, "macro_f1": 0.5}  # PyTorch first, then ONNX
+        # PyTorch first (all 40 right), then each ONNX variant (half of them wrong): a real drop.
+        return _scored([True] * 40 if len(calls) == 1 else [True, False] * 20, macro_f1=0.5)
 
     monkeypatch.setattr(pipeline, "run_engine", fake_engine)
     rows = tuple({"text": t, "label": "positive"} for t in ("good", "great", "fine"))
@@ -85,4 +106,5 @@ def test_task_metric_drop_fails_the_export(factory, tmp_path, monkeypatch):
     with pytest.raises(ParityError) as e:
         run_pipeline(spec)
     assert "task metric accuracy 0.5000 vs PyTorch 1.0000" in str(e.value)
+    assert "20 sentences got worse, 0 better" in str(e.value)
     assert not (tmp_path / "b").exists() and (tmp_path / "b.rejected" / "parity.json").exists()
