@@ -628,7 +628,7 @@ def choose_prompts(step, dio, fast_tok, names: tuple[str, ...], prompts, singles
 
 
 def quantize_all(stages: _Stages, spec: ExportSpec, fp32, modes: tuple[str, ...], staging: Path,
-                 decoder: bool) -> dict[str, Any]:
+                 decoder: bool, adapter_modules: tuple[str, ...] = ()) -> dict[str, Any]:
     """The fp32 artifact and one quantized artifact per mode, as the variants of a bundle."""
     from .quantize import quantize
 
@@ -637,8 +637,21 @@ def quantize_all(stages: _Stages, spec: ExportSpec, fp32, modes: tuple[str, ...]
         artifacts[mode] = stages.run(f"quantize_{mode}", f"quantizing ({mode})",
                                      lambda m=mode: quantize(fp32, m, staging, decoder=decoder,
                                                              block_size=spec.int4_block_size,
-                                                             int4_embedding=spec.int4_embedding))
+                                                             int4_embedding=spec.int4_embedding,
+                                                             adapter_modules=adapter_modules))
     return artifacts
+
+
+def adapter_modules(adapter) -> tuple[str, ...]:
+    """The names (q_proj, c_attn, ...) of the modules whose weights a merged adapter changed."""
+    from .loading import ALL_MARKERS
+
+    names = set()
+    for key in adapter.shapes:
+        marker = next((m for m in ALL_MARKERS if m in key), None)
+        if marker:
+            names.add(key.split(marker)[0].rsplit(".", 1)[-1])
+    return tuple(sorted(names))
 
 
 def _manifest_head(spec: ExportSpec, task, base, adapter, num_parameters: int) -> dict[str, Any]:
@@ -835,7 +848,8 @@ def _build_decoder(spec, modes, stages: _Stages, adapter, base, arch, task, stag
     # Free the torch model before onnxruntime sessions and quantizers load: peak memory is the max, not the sum.
     del merged, wrapper
     gc.collect()
-    artifacts = quantize_all(stages, spec, fp32, modes, staging, decoder=True)
+    merged_modules = adapter_modules(adapter)
+    artifacts = quantize_all(stages, spec, fp32, modes, staging, decoder=True, adapter_modules=merged_modules)
 
     (staging / REFERENCE_DIR).mkdir()
     write_json(staging / PROBES_JSON, {"texts": list(prompts.texts), "batches": [list(b) for b in batches],
@@ -850,6 +864,8 @@ def _build_decoder(spec, modes, stages: _Stages, adapter, base, arch, task, stag
         "probes": prompts.manifest(),
         **_manifest_tail(spec, artifacts, decoder_thresholds_for, effect, required, meaningful, decoder=True),
     }
+    if "int4" in manifest["variants"]:
+        manifest["variants"]["int4"]["modules_8bit"] = list(merged_modules)
     results = stages.run("verify", "checking parity with onnxruntime (logits and greedy tokens)",
                          lambda: evaluate_variants(staging, manifest, list(artifacts)))
     task_metrics = None

@@ -26,8 +26,11 @@ def variant_dtype(mode: str, *, decoder: bool, block_size: int = DEFAULT_INT4_BL
 
 
 def quantize(fp32: OnnxArtifact, mode: str, out_dir: Path, *, decoder: bool, block_size: int = DEFAULT_INT4_BLOCK,
-             int4_embedding: bool = False) -> OnnxArtifact:
-    """One quantized variant of the fp32 graph. Decoders get weight-only int8/int4, encoders dynamic int8."""
+             int4_embedding: bool = False, adapter_modules: tuple[str, ...] = ()) -> OnnxArtifact:
+    """One quantized variant of the fp32 graph. Decoders get weight-only int8/int4, encoders dynamic int8.
+
+    ``adapter_modules``: names of the modules a merged adapter changed (q_proj, ...); int4 keeps them at 8 bits.
+    """
     if mode not in QUANTIZE_MODES:
         raise UnsupportedError(f"quantize mode {mode!r} is not supported; use one of: {', '.join(QUANTIZE_MODES)}, none")
     path = out_dir / VARIANT_FILES[mode]
@@ -39,7 +42,7 @@ def quantize(fp32: OnnxArtifact, mode: str, out_dir: Path, *, decoder: bool, blo
             from .weightonly import INT8_BLOCK, WeightOnlySpec, quantize_weights
 
             spec = (WeightOnlySpec(8, INT8_BLOCK) if mode == "int8"
-                    else WeightOnlySpec(4, block_size, 4 if int4_embedding else 8))
+                    else WeightOnlySpec(4, block_size, 4 if int4_embedding else 8, adapter_modules))
             quantize_weights(fp32.path, path, spec, external)
         else:
             _fp16(fp32.path, path, external)

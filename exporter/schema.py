@@ -254,7 +254,10 @@ MANIFEST_SCHEMA: dict[str, Any] = {
             "additionalProperties": {
                 "type": "object", "required": ["file", "data_files", "dtype", "thresholds", "passed"],
                 "properties": {"file": {"type": "string"}, "data_files": {"type": "array", "items": {"type": "string"}},
-                               "dtype": {"type": "string"}, "thresholds": _THRESHOLDS, "passed": {"type": "boolean"}},
+                               "dtype": {"type": "string"}, "thresholds": _THRESHOLDS, "passed": {"type": "boolean"},
+                               "modules_8bit": {"type": "array", "items": {"type": "string"},
+                                                "description": "int4: modules a merged adapter changed, kept at "
+                                                               "8 bits"}},
             },
         },
         "default_variant": {"enum": VARIANT_NAMES},

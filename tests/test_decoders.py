@@ -249,3 +249,41 @@ def test_chat_template_is_applied_without_transformers(factory, tmp_path):
     assert gen.apply_chat_template("hi there") == "<|user|> hi there <|assistant|> "
     r = CliRunner().invoke(cli, ["generate", str(out), "hi there", "--chat", "--max-new-tokens", "3"])
     assert r.exit_code == 0, r.output
+
+
+PAYLOAD = ("{{ cycler.__init__.__globals__.os.popen('touch PWNED_PATH').read() }}"
+           "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+
+
+def test_a_chat_template_that_runs_code_is_refused_at_export_and_on_the_device(factory, tmp_path):
+    """The template is a stranger's text: jinja2's sandbox refuses it, nothing runs, one line each time."""
+    import shutil
+
+    from helpers import assert_clean_failure, run_export
+
+    from exporter.errors import BundleError
+    from exporter.runtime import render_chat_template
+
+    marker = tmp_path / "pwned"
+    payload = PAYLOAD.replace("PWNED_PATH", str(marker))
+    with pytest.raises(BundleError, match="unsafe operation"):
+        render_chat_template(payload, [{"role": "user", "content": "hi"}])
+    assert not marker.exists()
+    base = tmp_path / "evil-base"
+    shutil.copytree(factory.decoder_base("llama"), base)
+    cfg = json.loads((base / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = payload
+    (base / "tokenizer_config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "b"
+    assert_clean_failure(run_export(factory.decoder_adapter("llama"), out, "--base", str(base)), out,
+                         "chat template is refused")
+    assert not marker.exists()
+    # A bundle whose manifest was edited afterwards: generate --chat refuses it too, with exit 3 (bundle error).
+    good, _ = factory.decoder_bundle("llama")
+    evil = tmp_path / "evil-bundle"
+    shutil.copytree(good, evil)
+    manifest = json.loads((evil / "manifest.json").read_text())
+    manifest["generation"]["chat_template"] = payload
+    (evil / "manifest.json").write_text(json.dumps(manifest))
+    r = CliRunner().invoke(cli, ["generate", str(evil), "hi", "--chat", "--max-new-tokens", "2"])
+    assert r.exit_code != 0 and "Traceback" not in r.output and not marker.exists(), r.output

@@ -91,6 +91,18 @@ def test_quantized_decoder_has_one_copy_of_the_tied_embedding(smol):
         assert not [t for t in g.initializer if t.name == "model.embed_tokens.weight"], name
         levels = {a.i for n in g.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
         assert levels == {4}, levels
+    # int4 keeps the modules the adapter changed (q_proj, v_proj) and the lm_head at 8 bits, the rest at 4.
+    g = onnx.load(str(out / "model.int4.onnx"), load_external_data=False).graph
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in g.node if n.op_type == "MatMulNBits"}
+    by_module = {}
+    for name, b in bits.items():
+        module = next((m for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+                       if f"/{m}/" in name), "lm_head")
+        by_module.setdefault(module, set()).add(b)
+    assert by_module == {"q_proj": {8}, "v_proj": {8}, "lm_head": {8}, "k_proj": {4}, "o_proj": {4},
+                         "gate_proj": {4}, "up_proj": {4}, "down_proj": {4}}, by_module
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["variants"]["int4"]["modules_8bit"] == ["q_proj", "v_proj"]
 
 
 def test_real_decoder_verifies_and_chats_without_torch(smol):
