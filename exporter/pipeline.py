@@ -45,7 +45,7 @@ from .quantize import QUANTIZE_MODES
 from .report import render_markdown
 from .taskeval import PRIMARY_METRIC, TaskEvalSpec, judge, run_engine
 from .taskeval import prepare as prepare_eval
-from .tolerances import ADAPTER_EFFECT_FACTOR, FP32_ATOL, thresholds_for
+from .tolerances import required_effect, thresholds_for
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -510,7 +510,7 @@ def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Pat
             lambda f, w=wrapper: run_torch(w, f, output_names)["logits"])
     masks = [f["attention_mask"] for f in probes.feeds]
     effect = adapter_effect(reference, base_out, masks, infos)
-    required = ADAPTER_EFFECT_FACTOR * FP32_ATOL
+    required = required_effect([a for r in reference for a in r.values()])
     meaningful = max(effect.values()) >= required
     if not meaningful:
         warnings.append(
@@ -834,7 +834,7 @@ def _build_decoder(spec, modes, stages: _Stages, adapter, base, arch, task, stag
                                               singles)
     merged_singles = [runs[k].prefill_logits for k in range(len(chosen))]
     effect = {"logits": float(max(np.abs(m - base_logits[i]).max() for m, i in zip(merged_singles, chosen)))}
-    required = ADAPTER_EFFECT_FACTOR * FP32_ATOL
+    required = required_effect(merged_singles)
     meaningful = effect["logits"] >= required
     if not meaningful:
         warnings.append(f"the adapter barely changes the model (max |merged - base| {effect['logits']:.2g} < "

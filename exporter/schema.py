@@ -15,6 +15,8 @@ _THRESHOLDS = {
     "description": "The gate applied to this variant; verify re-applies exactly these numbers.",
     "properties": {
         "atol": {"type": "number"}, "rtol": {"type": "number"}, "min_cosine": {"type": "number"},
+        "atol_rms": {"type": "number", "description": "fp32: the absolute tolerance is max(atol, atol_rms x rms of "
+                     "the PyTorch output)"},
         "argmax_agreement": {"type": "number"},
         "clear_margin_rel": {"type": "number", "description": "argmax is gated on rows whose top-2 margin >= "
                              "this x rms of the reference logits"},
@@ -36,6 +38,7 @@ _OUTPUT_METRICS = {
         "cosine_min": {"type": "number", "description": "lowest per-row cosine (row = example or token)"},
         "cosine_mean": {"type": "number"},
         "n_over_tolerance": {"type": "integer", "description": "fp32: values outside atol + rtol*|torch|"},
+        "atol_effective": {"type": "number", "description": "fp32: the absolute tolerance applied"},
         "argmax_agreement": {"type": "number"},
         "min_top2_margin": {"type": "number", "description": "smallest top-2 gap of the PyTorch logits"},
         "clear_margin_abs": {"type": "number", "description": "clear_margin_rel x rms of the reference logits"},

@@ -49,7 +49,7 @@ from .swappable import (
     contract_entry,
     write_adapter_file,
 )
-from .tolerances import ADAPTER_EFFECT_FACTOR, FP32_ATOL, FP32_RTOL
+from .tolerances import FP32_ATOL, FP32_RTOL, required_effect
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -365,7 +365,7 @@ def build_swappable(spec, modes, stages, adapters: list[tuple[str, Any]], base, 
         add_defaults(art, defaults)
     graph_sha = sha256_file(fp32.path)
 
-    required = ADAPTER_EFFECT_FACTOR * FP32_ATOL
+    required = required_effect([a for r in base_reference for k, a in r.items() if k not in ("tokens", "margins")])
     (staging / REFERENCE_DIR).mkdir(exist_ok=True)
     if is_decoder:
         write_json(staging / PROBES_JSON, {"texts": list(texts.texts), "batches": [list(b) for b in batches],
@@ -514,7 +514,7 @@ def _add_locked(root: Path, adapter_path: Path, name: str, base: str | None, all
                    trust_remote_code, warnings)
     shapes = {k: (tuple(v.shape), str(v.dtype)) for k, v in p.tensors.items()}
     check_tensors(shapes, interface, f"adapter {name}")
-    required = ADAPTER_EFFECT_FACTOR * FP32_ATOL
+    required = required_effect([a for r in base_reference for k, a in r.items() if k not in ("tokens", "margins")])
     if max(p.effect.values()) < required:
         warnings.append(f"adapter {name} barely changes the model (max |merged - base| "
                         f"{max(p.effect.values()):.2g} < {required:g}); parity cannot show it survived export")
