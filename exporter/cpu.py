@@ -19,8 +19,30 @@ _X86 = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl
 _ARM = ("asimd", "asimddp", "asimdhp", "fphp", "i8mm", "bf16", "sve", "sve2")
 
 
-def cpu_features(cpuinfo: str | None = None) -> dict[str, Any]:
-    """{"machine", "model", "features", "isa"}: what the kernels of this CPU can use (Linux /proc/cpuinfo)."""
+# Our names -> numpy's runtime (cpuid / HWCAP) feature names. numpy asks the CPU itself, so it is right under
+# emulation too (qemu-user passes the host's /proc/cpuinfo through); /proc/cpuinfo only adds what numpy does
+# not list, and only on top of the features it builds on.
+_NUMPY = {"sse4_2": "SSE42", "avx": "AVX", "avx2": "AVX2", "fma": "FMA3", "f16c": "F16C", "avx512f": "AVX512F",
+          "avx512bw": "AVX512BW", "avx512vl": "AVX512VL", "avx512_vnni": "AVX512VNNI", "avx512_bf16": "AVX512BF16",
+          "avx512_fp16": "AVX512FP16", "asimd": "ASIMD", "asimddp": "ASIMDDP", "asimdhp": "ASIMDHP", "fphp": "FPHP",
+          "sve": "SVE"}
+_EXTRA_NEEDS = {"avx_vnni": "avx2", "amx_tile": "avx512f", "amx_int8": "avx512f", "amx_bf16": "avx512f",
+                "i8mm": "asimd", "bf16": "asimd", "sve2": "sve"}
+
+
+def _numpy_features() -> dict[str, bool] | None:
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as features
+        except ImportError:
+            return None
+    return dict(features)
+
+
+def cpu_features(cpuinfo: str | None = None, detected: dict[str, bool] | None = None) -> dict[str, Any]:
+    """{"machine", "model", "features", "isa"}: what the kernels of this CPU can use."""
     machine = platform.machine().lower()
     if cpuinfo is None:
         try:
@@ -33,7 +55,13 @@ def cpu_features(cpuinfo: str | None = None) -> dict[str, Any]:
         fields.setdefault(key.strip().lower(), value.strip())
     flags = set((fields.get("flags") or fields.get("features") or "").split())
     known = _X86 if machine in ("x86_64", "amd64", "i686", "x86") else _ARM
-    present = [f for f in known if f in flags]
+    detected = _numpy_features() if detected is None else detected
+    if detected:
+        present = [f for f in known if f in _NUMPY and detected.get(_NUMPY[f])]
+        present += [f for f in known if f in _EXTRA_NEEDS and f in flags and _EXTRA_NEEDS[f] in present]
+        present = [f for f in known if f in present]
+    else:
+        present = [f for f in known if f in flags]
     return {"machine": machine, "model": fields.get("model name") or fields.get("cpu part") or platform.processor(),
             "features": present, "isa": isa_summary(machine, present)}
 
