@@ -13,8 +13,9 @@ Why weight-only for decoders, measured on SmolLM2-135M + LoRA (x86 AVX2 without 
   default zero point plus ``(A @ S) @ C``, where S sums A per block and C holds ``min + 8 * scale`` per block
   and column (26 ms/token vs 22 ms for the symmetric form).
 The integer arithmetic here cannot saturate on any ISA: weights stay within +-127 (8-bit) or 0..15 (4-bit)
-and activations within +-127, so every kernel (AVX2, AVX-512 VNNI, NEON dot) computes the same integers;
-tests/test_quant_numerics.py checks onnxruntime against an exact integer emulation.
+and activations within +-127, so every int8 kernel (AVX2, AVX-512 VNNI, NEON dot) computes the same integers;
+tests/test_quant_numerics.py checks onnxruntime against an exact integer emulation. x86 CPUs without AVX2 have
+no int8 kernel for MatMulNBits and use float activations instead (measured under qemu -cpu Nehalem).
 """
 
 from __future__ import annotations
