@@ -129,15 +129,19 @@ class _Graph:
         self.names.add(name)
         return name
 
-    def float_init(self, name: str, rank: int) -> np.ndarray | None:
+    def float_init(self, name: str, rank: int, keep: bool = False) -> np.ndarray | None:
+        """A float32 initializer of this rank as an array; ``keep`` caches it (embedding tables are read again)."""
         from onnx import TensorProto
 
         t = self.inits.get(name)
         if t is None or len(t.dims) != rank or t.data_type != TensorProto.FLOAT:
             return None
-        if name not in self._arrays:
-            self._arrays[name] = self.to_array(t)
-        return self._arrays[name]
+        if name in self._arrays:
+            return self._arrays[name]
+        array = self.to_array(t)
+        if keep:
+            self._arrays[name] = array
+        return array
 
     def add_init(self, array: np.ndarray, base: str) -> str:
         name = self.unique(base)
@@ -160,7 +164,7 @@ def quantize_weights(src: Path, dst: Path, spec: WeightOnlySpec, external: bool)
     for node in g.g.node:
         if node.op_type != "Gather" or node.input[0] in embeddings:
             continue
-        table = g.float_init(node.input[0], 2)
+        table = g.float_init(node.input[0], 2, keep=True)
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
         if table is None or axis != 0:
             continue
