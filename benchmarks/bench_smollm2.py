@@ -16,8 +16,9 @@ B scaled by 0.05 so the adapter moves the logits by ~0.9). Prints:
   int8, int4 (batch 1, interleaved rounds, median).
 
 --degrid first moves every linear weight of the base off the GGUF 4-bit grid it was dequantized from (Gaussian
-noise of 0.2 x each row's std, about 40% of a Q4_1 step) and benchmarks that model instead: a stand-in for a
-checkpoint trained in bf16, where 4-bit rounding has no grid to land on.
+noise of 0.2 x each row's std, about 0.7 of a Q4_1 step: the mean step is 0.28 x the row std) and benchmarks
+that model instead: a crude stand-in for a checkpoint trained in bf16, where 4-bit rounding has no grid to land
+on (the noise also degrades the model itself).
 """
 
 from __future__ import annotations
