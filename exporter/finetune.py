@@ -130,11 +130,12 @@ def encode_rows(recipe: Recipe, rows: list[dict[str, Any]], tok, labels: list[st
 
 
 def format_prompt(tok, prompt: str) -> str:
-    """The tokenizer's chat template when it has one, else a plain prompt + newline."""
-    if getattr(tok, "chat_template", None):
-        return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                       add_generation_prompt=True)
-    return prompt + "\n"
+    """The tokenizer's chat template when it has one, else a plain prompt + newline: the one formatter that
+    task-level parity and ``generate --chat`` use too (sandboxed; identical to transformers' rendering on the
+    244 instruction rows with SmolLM2's template)."""
+    from .runtime import chat_prompt
+
+    return chat_prompt(getattr(tok, "chat_template", None), prompt, tok.bos_token or "", tok.eos_token or "")
 
 
 class _SFTCollator:

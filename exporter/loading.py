@@ -103,6 +103,16 @@ class AdapterRef:
         return sorted(set(self.config.get("modules_to_save") or []))
 
     @property
+    def changed_modules(self) -> tuple[str, ...]:
+        """Names (q_proj, c_attn, ...) of the modules whose weights the adapter's LoRA/LoHa/... tensors change."""
+        names = set()
+        for key in self.shapes:
+            marker = next((m for m in ALL_MARKERS if m in key), None)
+            if marker:
+                names.add(key.split(marker)[0].rsplit(".", 1)[-1])
+        return tuple(sorted(names))
+
+    @property
     def task_type(self) -> str | None:
         return self.config.get("task_type")
 

@@ -642,18 +642,6 @@ def quantize_all(stages: _Stages, spec: ExportSpec, fp32, modes: tuple[str, ...]
     return artifacts
 
 
-def adapter_modules(adapter) -> tuple[str, ...]:
-    """The names (q_proj, c_attn, ...) of the modules whose weights a merged adapter changed."""
-    from .loading import ALL_MARKERS
-
-    names = set()
-    for key in adapter.shapes:
-        marker = next((m for m in ALL_MARKERS if m in key), None)
-        if marker:
-            names.add(key.split(marker)[0].rsplit(".", 1)[-1])
-    return tuple(sorted(names))
-
-
 def _manifest_head(spec: ExportSpec, task, base, adapter, num_parameters: int) -> dict[str, Any]:
     """The manifest fields every family shares, first."""
     return {
@@ -848,7 +836,7 @@ def _build_decoder(spec, modes, stages: _Stages, adapter, base, arch, task, stag
     # Free the torch model before onnxruntime sessions and quantizers load: peak memory is the max, not the sum.
     del merged, wrapper
     gc.collect()
-    merged_modules = adapter_modules(adapter)
+    merged_modules = adapter.changed_modules
     artifacts = quantize_all(stages, spec, fp32, modes, staging, decoder=True, adapter_modules=merged_modules)
 
     (staging / REFERENCE_DIR).mkdir()
@@ -880,19 +868,14 @@ def _build_decoder(spec, modes, stages: _Stages, adapter, base, arch, task, stag
 
 
 def prepare_decoder_eval(spec: TaskEvalSpec, tokenizer_file: Path, tok):
-    """The recipe's eval rows as fine-tuning saw them: the chat template (rendered in the sandbox, like
-    ``generate --chat``) or prompt + newline, then the response and EOS; the bundle's own tokenizer."""
+    """The recipe's eval rows as fine-tuning saw them (``runtime.chat_prompt``, then the response and EOS),
+    tokenized with the bundle's own tokenizer."""
     from tokenizers import Tokenizer
 
-    from .runtime import render_chat_template
+    from .runtime import chat_prompt
     from .taskeval import prepare_decoder
 
     template = getattr(tok, "chat_template", None)
-
-    def fmt(prompt: str) -> str:
-        if not isinstance(template, str):
-            return prompt + "\n"
-        return render_chat_template(template, [{"role": "user", "content": prompt}], bos_token=tok.bos_token or "",
-                                    eos_token=tok.eos_token or "")
-
-    return prepare_decoder(spec, Tokenizer.from_file(str(tokenizer_file)), fmt, tok.eos_token or "", spec.max_length)
+    return prepare_decoder(spec, Tokenizer.from_file(str(tokenizer_file)),
+                           lambda p: chat_prompt(template, p, tok.bos_token or "", tok.eos_token or ""),
+                           tok.eos_token or "", spec.max_length)

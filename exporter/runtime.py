@@ -164,6 +164,15 @@ def render_chat_template(template: str, messages: list[dict[str, str]], **specia
         raise BundleError(f"the chat template cannot be rendered ({str(e).splitlines()[0][:120]})") from None
 
 
+def chat_prompt(template: str | None, prompt: str, bos_token: str = "", eos_token: str = "") -> str:
+    """One user turn as fine-tuning, task-level parity and ``generate --chat`` all format it: the chat
+    template with the generation prompt, or the prompt and a newline when the tokenizer has no template."""
+    if not isinstance(template, str) or not template:
+        return prompt + "\n"
+    return render_chat_template(template, [{"role": "user", "content": prompt}], bos_token=bos_token,
+                                eos_token=eos_token)
+
+
 class BundleGenerator:
     """Text generation with a decoder bundle, without torch: ``BundleGenerator(path).stream("Hello")``.
 
@@ -199,8 +208,7 @@ class BundleGenerator:
         template = self.gen.get("chat_template")
         if not template:
             raise UserInputError(f"{self.root}: the tokenizer has no chat template; drop --chat")
-        return render_chat_template(template, [{"role": "user", "content": prompt}],
-                                    bos_token=self.gen.get("bos_token") or "", eos_token=self.gen.get("eos_token") or "")
+        return chat_prompt(template, prompt, self.gen.get("bos_token") or "", self.gen.get("eos_token") or "")
 
     def stream(self, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None, stop: list[str] | None = None, chat: bool = False):

@@ -51,6 +51,12 @@ from .swappable import (
 )
 from .tolerances import FP32_ATOL, FP32_RTOL, required_effect
 
+
+def _required_effect(base_reference: list[dict[str, np.ndarray]]) -> float:
+    """The smallest adapter effect the fp32 gate can see, from the base's stored outputs (not greedy tokens)."""
+    return required_effect([a for r in base_reference for k, a in r.items() if k not in ("tokens", "margins")])
+
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -365,12 +371,13 @@ def build_swappable(spec, modes, stages, adapters: list[tuple[str, Any]], base, 
         add_defaults(art, defaults)
     graph_sha = sha256_file(fp32.path)
 
-    required = required_effect([a for r in base_reference for k, a in r.items() if k not in ("tokens", "margins")])
+    required = _required_effect(base_reference)
     (staging / REFERENCE_DIR).mkdir(exist_ok=True)
     if is_decoder:
         write_json(staging / PROBES_JSON, {"texts": list(texts.texts), "batches": [list(b) for b in batches],
                                            "max_length": max_length, "max_new_tokens": GREEDY_TOKENS,
-                                           "min_top2_margin": float(min(r.margins.min() for r in runs))})
+                                           "min_top2_margin": float(min(r.margins.min() for r in runs)),
+                                           "source": texts.source})
         save_arrays(staging / INPUTS_NPZ, list(feeds))
     else:
         write_json(staging / PROBES_JSON, probes.to_json())
@@ -514,7 +521,7 @@ def _add_locked(root: Path, adapter_path: Path, name: str, base: str | None, all
                    trust_remote_code, warnings)
     shapes = {k: (tuple(v.shape), str(v.dtype)) for k, v in p.tensors.items()}
     check_tensors(shapes, interface, f"adapter {name}")
-    required = required_effect([a for r in base_reference for k, a in r.items() if k not in ("tokens", "margins")])
+    required = _required_effect(base_reference)
     if max(p.effect.values()) < required:
         warnings.append(f"adapter {name} barely changes the model (max |merged - base| "
                         f"{max(p.effect.values()):.2g} < {required:g}); parity cannot show it survived export")

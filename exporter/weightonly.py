@@ -247,16 +247,12 @@ def _embedding_block(h: int, block_size: int) -> int | None:
 
 def _tied_table(g: _Graph, node, embeddings: dict) -> str | None:
     """The embedding table this MatMul multiplies by, transposed (tied input and output embeddings)."""
+    # Both exporters' graphs reach here as MatMul(x, Transpose(table)): decoder.retie_embeddings turns the
+    # tracer's transposed copy back into that form.
     src = g.producer.get(node.input[1])
     if src is not None and src.op_type == "Transpose" and src.input[0] in embeddings:
         perm = next((list(a.ints) for a in src.attribute if a.name == "perm"), [1, 0])
         return src.input[0] if perm == [1, 0] else None
-    # The TorchScript exporter writes a tied lm_head as its own transposed copy of the table.
-    t = g.inits.get(node.input[1])
-    for name, e in embeddings.items():
-        if t is not None and list(t.dims) == [e.hidden, e.vocab] and np.array_equal(g.float_init(name, 2).T,
-                                                                                  g.float_init(node.input[1], 2)):
-            return name
     return None
 
 
