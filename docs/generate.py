@@ -29,11 +29,34 @@ def render_cli() -> str:
     return "\n".join(parts)
 
 
+def render_gates() -> str:
+    """Every task's default gate per variant, from exporter/tolerances.py (where each number's provenance is)."""
+    from exporter.tolerances import THRESHOLDS, gate_for
+
+    parts = ["# Parity gates (defaults)", "",
+             "Generated from `exporter/tolerances.py` by `python docs/generate.py`; do not edit by hand. Each",
+             "number's provenance (the measurement that set it) is the comment beside it there;",
+             "`python benchmarks/bench_gates.py` re-measures the false rejects and false accepts. A bundle's",
+             "manifest holds the gate it was judged by (with any `export --tolerance` override), and `verify`",
+             "applies that.", "", "| threshold | meaning |", "|---|---|"]
+    parts += [f"| `{name}` | {what} |" for name, (_, what) in THRESHOLDS.items()]
+    tasks = {"text-classification / token-classification": "text-classification",
+             "feature-extraction": "feature-extraction", "text-generation": "text-generation"}
+    for title, task in tasks.items():
+        variants = ("fp32", "fp16", "int8", "int4") if task == "text-generation" else ("fp32", "fp16", "int8")
+        parts += ["", f"## {title}", "", "| variant | gate |", "|---|---|"]
+        for v in variants:
+            gate = gate_for(task, v)
+            parts.append(f"| {v} | " + ", ".join(f"`{k}` {x:g}" for k, x in gate.items()) + " |")
+    return "\n".join(parts) + "\n"
+
+
 def rendered() -> dict[str, str]:
     from exporter.schema import MANIFEST_SCHEMA, REPORT_SCHEMA
 
     return {
         "cli.md": render_cli(),
+        "gates.md": render_gates(),
         "manifest.schema.json": json.dumps(MANIFEST_SCHEMA, indent=2) + "\n",
         "report.schema.json": json.dumps(REPORT_SCHEMA, indent=2) + "\n",
     }

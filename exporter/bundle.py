@@ -18,7 +18,7 @@ from typing import Any
 from .errors import BundleError, OutputExistsError, UserInputError
 from .loading import sha256_file
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 MANIFEST_SHA = "manifest.json.sha256"
 PARITY_JSON = "parity.json"
@@ -27,6 +27,8 @@ REFERENCE_DIR = "reference"
 PROBES_JSON = f"{REFERENCE_DIR}/probes.json"
 INPUTS_NPZ = f"{REFERENCE_DIR}/inputs.npz"
 OUTPUTS_NPZ = f"{REFERENCE_DIR}/outputs.npz"
+# The base model's outputs on the probes (no adapter), so a quantized variant can show it kept the adapter.
+BASE_OUTPUTS_NPZ = f"{REFERENCE_DIR}/base_outputs.npz"
 
 
 @contextlib.contextmanager

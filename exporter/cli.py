@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import FULL_MODULES, RECIPE_MODULES, ExporterError, ParityError, require_full
+from .errors import FULL_MODULES, RECIPE_MODULES, ExporterError, ParityError, UserInputError, require_full
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARITY, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 3, 130, 143
 
@@ -114,11 +114,17 @@ def cli() -> None:
                    "Lines of strings or {\"text\"|\"prompt\": ...}. Stored in the bundle's reference and re-run "
                    "by verify. At most 64 texts / 16 prompts are used. Default: built-in English probes, or "
                    "texts made from the vocabulary when the tokenizer maps those to <unk>.")
+@click.option("--tolerance", "tolerances", multiple=True, callback=lambda c, p, v: _parse_tolerances(v),
+              metavar="[VARIANT.]NAME=VALUE",
+              help="Override one parity threshold, e.g. int8.max_prob_diff=0.3 (or max_prob_diff=0.3 for every "
+                   "variant that has it); repeatable. Recorded in the manifest and shown in parity.md as your "
+                   "choice; verify applies it. Names and defaults: docs/bundle.md (Parity gates).")
 @click.option("--json", "as_json", is_flag=True, help="Print the Report (same object as parity.json) on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def export(adapters: tuple[str, ...], keep_adapters: bool, base: str | None, revision: str | None, out: Path, task: str | None, labels: str | None,
            quantize: tuple[str, ...], int4_block_size: str, int4_embedding: bool, opset: int, max_length: int, overwrite: bool, allow_pickle: bool,
-           trust_remote_code: bool, no_tokenizer: bool, probe_texts: Path | None, as_json: bool, quiet: bool) -> None:
+           trust_remote_code: bool, no_tokenizer: bool, probe_texts: Path | None,
+           tolerances: tuple[tuple[str, float], ...], as_json: bool, quiet: bool) -> None:
     """Merge a LoRA adapter into its base, export to ONNX, quantize, and prove parity with PyTorch.
 
     Writes OUT only when every variant passes its gate; otherwise exits 3 and keeps the diagnostics in
@@ -142,9 +148,25 @@ def export(adapters: tuple[str, ...], keep_adapters: bool, base: str | None, rev
         labels=tuple(x.strip() for x in labels.split(",")) if labels else None,
         quantize=quantize or ("int8",), opset=opset, overwrite=overwrite, allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code, max_length=max_length, int4_block_size=int(int4_block_size),
-        int4_embedding=int4_embedding, no_tokenizer=no_tokenizer, probe_texts=probe_texts,
+        int4_embedding=int4_embedding, no_tokenizer=no_tokenizer, probe_texts=probe_texts, tolerances=tolerances,
     )
     _show_report(lambda: run_pipeline(spec, _progress(quiet)), out, as_json)
+
+
+def _parse_tolerances(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
+    """--tolerance [VARIANT.]NAME=VALUE; the names are checked against the export's gates once the task is known."""
+    out = []
+    for v in values:
+        name, sep, number = v.partition("=")
+        try:
+            value = float(number)
+        except ValueError:
+            value = None
+        if not sep or not name.strip() or value is None:
+            raise click.BadParameter(f"{v!r}: expected [VARIANT.]NAME=NUMBER, e.g. int8.max_prob_diff=0.3",
+                                     param_hint="--tolerance")
+        out.append((name.strip(), value))
+    return tuple(out)
 
 
 def _show_report(produce, out: Path, as_json: bool) -> None:
@@ -162,18 +184,20 @@ def _show_report(produce, out: Path, as_json: bool) -> None:
 
 
 def _print_summary(report: dict[str, Any], out: Path) -> None:
+    from .report import gate_cells
+
     click.echo(f"bundle: {out}  ({report['task']}, base {report['base']['name']})")
     sizes = report.get("sizes") or {}
     for name, r in report["variants"].items():
         size = f"{sizes[name] / 1e6:8.1f} MB" if name in sizes else ""
-        worst = max((m["max_abs_diff"] for m in r["outputs"].values()), default=float("nan"))
-        cos = min((m["cosine_min"] for m in r["outputs"].values()), default=float("nan"))
-        click.echo(f"  {name:5s} {'PASS' if r['passed'] else 'FAIL'}  max abs diff {worst:.2e}  "
-                   f"min cosine {cos:.6f}  {size}")
+        click.echo(f"  {name:5s} {'PASS' if r['passed'] else 'FAIL'}  {size}")
+        for output, m in r["outputs"].items():
+            gated, _ = gate_cells(m, r["thresholds"], r.get("user_tolerances") or {})
+            click.echo(f"        {output}: {'; '.join(gated) or '-'}")
         if r.get("base_not_gated"):
             click.echo("        base without adapter: reported, not gated (untrained head; fp32 is gated)")
         for adapter, a in (r.get("adapters") or {}).items():
-            worst = max((m["max_abs_diff"] for m in a["outputs"].values()), default=float("nan"))
+            worst = max((m["max_abs_diff"] or float("inf") for m in a["outputs"].values()), default=float("nan"))
             click.echo(f"        adapter {adapter}: {'PASS' if a['passed'] else 'FAIL'}  max abs diff {worst:.2e}")
         if "switching" in r:
             sw = r["switching"]
@@ -223,17 +247,29 @@ def add_adapter_cmd(bundle: Path, adapter: str, base: str | None, allow_pickle: 
 @click.option("--variant", "variants", multiple=True, help="Variant(s) to check (fp32, int8, fp16). Default: all.")
 @click.option("--providers", multiple=True, help="onnxruntime execution provider(s). Default: CPUExecutionProvider.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
+@click.option("--probe-texts", type=click.Path(path_type=Path), default=None,
+              help="Also judge every quantized variant on your own texts (prompts for decoders), one per line or "
+                   "JSON Lines; without PyTorch on the device the fp32 graph is their reference.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None,
+              help="Write this device's error-distribution plot (PNG; needs matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Print the Report (passed, variants, integrity) on stdout.")
 def verify(bundle: Path, variants: tuple[str, ...], providers: tuple[str, ...], threads: int | None,
-           as_json: bool) -> None:
+           probe_texts: Path | None, plot: Path | None, as_json: bool) -> None:
     """Check a bundle on this device, without torch: hashes, tokenizer, and every variant's parity.
 
     Runs the stored probes and compares with the stored PyTorch outputs under the thresholds in the
-    manifest. Exit 0 when everything passes, 3 otherwise (a tampered or missing file included).
+    manifest (the export's defaults and any --tolerance the exporter chose). Exit 0 when everything passes,
+    3 otherwise (a tampered or missing file included).
     """
     from .verify import verify_bundle
 
-    report = verify_bundle(bundle, list(variants) or None, list(providers) or None, threads)
+    report = verify_bundle(bundle, list(variants) or None, list(providers) or None, threads, probe_texts)
+    if plot is not None:
+        from .plot import write_error_plot
+
+        if not write_error_plot(report, plot):
+            raise UserInputError("--plot needs matplotlib: pip install matplotlib (or export-adapter[plot])")
+        click.echo(f"plot: {plot}", err=True)
     if as_json:
         _emit_json(report)
     else:
@@ -248,6 +284,13 @@ def verify(bundle: Path, variants: tuple[str, ...], providers: tuple[str, ...], 
             click.echo(f"  {name:5s} {'PASS' if r['passed'] else 'FAIL'}{extra}")
             for f in r["failures"]:
                 click.echo(f"        {f}")
+        user = report.get("user_probes")
+        if user:
+            click.echo(f"  your probes: {user['count']} texts from {user['file']}, each quantized variant vs fp32: "
+                       + (", ".join(f"{v} {'PASS' if r['passed'] else 'FAIL'}" for v, r in user["variants"].items())
+                          or "no quantized variant"))
+            for p in user.get("problems", []):
+                click.echo(f"        {p}")
         exported = (report.get("exported_on") or {}).get("isa")
         click.echo(f"  cpu   {report['cpu']['isa']}" + (f" (the export was verified on {exported})" if exported else ""))
         click.echo(f"{bundle}: {'verified' if report['passed'] else 'VERIFICATION FAILED'}")
@@ -341,11 +384,15 @@ def finetune(recipe_file: Path, out: Path, epochs, max_steps, learning_rate, bat
 @_training_options
 @click.option("--quantize", "quantize", multiple=True, type=click.Choice(["int8", "int4", "fp16", "none"]),
               help="Override export.quantize; repeatable (int4: text-generation recipes).")
+@click.option("--tolerance", "tolerances", multiple=True, callback=lambda c, p, v: _parse_tolerances(v),
+              metavar="[VARIANT.]NAME=VALUE",
+              help="Override one parity threshold (adds to or replaces the recipe's tolerances.gates); repeatable.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only after every check passed).")
 @click.option("--json", "as_json", is_flag=True, help="Print the Report (same object as parity.json) on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def run(recipe_file: Path, out: Path, epochs, max_steps, learning_rate, batch_size, seed, work_dir, resume,
-        quantize: tuple[str, ...], overwrite: bool, as_json: bool, quiet: bool) -> None:
+        quantize: tuple[str, ...], tolerances: tuple[tuple[str, float], ...], overwrite: bool, as_json: bool,
+        quiet: bool) -> None:
     """Fine-tune, merge, export, quantize and verify in one go: a recipe to a verified bundle.
 
     The report adds task-level parity: the task metric (accuracy, entity F1; for text-generation the token
@@ -357,6 +404,9 @@ def run(recipe_file: Path, out: Path, epochs, max_steps, learning_rate, batch_si
     from .recipes import load_recipe
 
     r = load_recipe(recipe_file, _overrides(epochs, max_steps, learning_rate, batch_size, seed, quantize))
+    if tolerances:
+        gates = {**r.tolerances.gates, **dict(tolerances)}
+        r = r.model_copy(update={"tolerances": r.tolerances.model_copy(update={"gates": gates})})
     _show_report(lambda: run_recipe(r, out, overwrite=overwrite, quiet=quiet, progress=_progress(quiet),
                                     work_dir=work_dir, resume=resume), out, as_json)
 

@@ -21,10 +21,9 @@ from typing import Any
 
 from . import __version__
 from .bundle import (
+    BASE_OUTPUTS_NPZ,
     INPUTS_NPZ,
     OUTPUTS_NPZ,
-    PARITY_JSON,
-    PARITY_MD,
     PROBES_JSON,
     REFERENCE_DIR,
     SCHEMA_VERSION,
@@ -42,10 +41,10 @@ from .errors import ExporterError, MismatchError, ParityError, UserInputError, r
 from .export import DEFAULT_OPSET, MIN_ORT_FOR_OPSET
 from .probes import DEFAULT_MAX_LENGTH, MIN_VOCAB
 from .quantize import QUANTIZE_MODES
-from .report import render_markdown
+from .report import write_report
 from .taskeval import PRIMARY_METRIC, TaskEvalSpec, judge, run_engine
 from .taskeval import prepare as prepare_eval
-from .tolerances import required_effect, thresholds_for
+from .tolerances import required_effect
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -80,6 +79,8 @@ class ExportSpec:
     keep_adapters: bool = False
     # export --probe-texts: the user's own texts (encoders) or prompts (decoders) to judge parity on.
     probe_texts: Path | None = None
+    # export --tolerance [VARIANT.]NAME=VALUE: the user's own thresholds, recorded in the manifest and the report.
+    tolerances: tuple[tuple[str, float], ...] = ()
 
     def recorded(self) -> dict[str, Any]:
         """The effective settings as written into the bundle: no machine paths, no eval data."""
@@ -178,6 +179,7 @@ def run_pipeline(spec: ExportSpec, progress: Progress | None = None) -> Report:
         raise UserInputError("--no-tokenizer is for encoder tasks; a text-generation bundle needs its tokenizer")
     if "int4" in modes and task.name != "text-generation":
         raise UserInputError("--quantize int4 is for text-generation models; use int8 or fp16 for encoders")
+    check_tolerances(task.name, modes, spec.tolerances)
     check_free_space(base, modes, out)
     build = _build_decoder if task.name == "text-generation" else _build
 
@@ -189,6 +191,14 @@ def run_pipeline(spec: ExportSpec, progress: Progress | None = None) -> Report:
 
     return _staged(out, spec.overwrite,
                    lambda staging: build(spec, modes, stages, adapter, base, arch, task, staging), hint)
+
+
+def check_tolerances(task: str, modes: tuple[str, ...], overrides: tuple[tuple[str, float], ...]) -> None:
+    from .tolerances import check_overrides
+
+    problem = check_overrides(task, ("fp32", *modes), overrides)
+    if problem:
+        raise UserInputError(problem)
 
 
 def _staged(out: Path, overwrite: bool, build: Callable[[Path], dict[str, Any]],
@@ -253,6 +263,7 @@ def _run_swappable(spec: ExportSpec, modes: tuple[str, ...], stages: _Stages, ou
     task = get_task(next(iter(tasks.values())))
     if "int4" in modes and task.name != "text-generation":
         raise UserInputError("--quantize int4 is for text-generation models; use int8 or fp16 for encoders")
+    check_tolerances(task.name, modes, spec.tolerances)
     check_free_space(base, modes, out)
     return _staged(out, spec.overwrite,
                    lambda staging: build_swappable(spec, modes, stages, adapters, base, arch, task, staging))
@@ -530,13 +541,15 @@ def _build(spec, modes, stages: _Stages, adapter, base, arch, task, staging: Pat
     write_json(staging / PROBES_JSON, probes.to_json())
     save_arrays(staging / INPUTS_NPZ, list(probes.feeds))
     save_arrays(staging / OUTPUTS_NPZ, reference)
+    save_arrays(staging / BASE_OUTPUTS_NPZ, base_out)
     _copy_base_docs(base, staging)
 
     manifest: dict[str, Any] = {
         **_manifest_head(spec, task, base, adapter, num_parameters),
         **_encoder_fields(task, names, labels, pooling, tok, max_length, pad_source),
         "probes": texts.manifest() if texts else {"source": "synthetic", "count": len(probes.feeds)},
-        **_manifest_tail(spec, artifacts, thresholds_for, effect, required, meaningful, decoder=False),
+        **_manifest_tail(spec, artifacts, task.name, effect, required, meaningful, decoder=False,
+                         base_reference=True),
     }
     results = stages.run("verify", "checking parity with onnxruntime",
                          lambda: evaluate_variants(staging, manifest, list(artifacts)))
@@ -657,12 +670,14 @@ def _manifest_head(spec: ExportSpec, task, base, adapter, num_parameters: int) -
     }
 
 
-def _manifest_tail(spec: ExportSpec, artifacts: dict, thresholds: Callable[[str], dict], effect: dict,
-                   required: float, meaningful: bool, decoder: bool) -> dict[str, Any]:
-    """The manifest fields every family shares, last: reference files, variants and their gates."""
+def _manifest_tail(spec: ExportSpec, artifacts: dict, task: str, effect: dict,
+                   required: float, meaningful: bool, decoder: bool, base_reference: bool = False) -> dict[str, Any]:
+    """The manifest fields every family shares, last: reference files (``base_reference``: the base model's
+    outputs too), variants and their gates."""
     return {
-        "reference": {"probes": PROBES_JSON, "inputs": INPUTS_NPZ, "outputs": OUTPUTS_NPZ},
-        "variants": _variant_entries(artifacts, thresholds, spec, decoder),
+        "reference": {"probes": PROBES_JSON, "inputs": INPUTS_NPZ, "outputs": OUTPUTS_NPZ,
+                      **({"base_outputs": BASE_OUTPUTS_NPZ} if base_reference else {})},
+        "variants": _variant_entries(artifacts, task, spec, decoder),
         "adapter_effect": {"max_abs_diff": effect, "required_min": required, "meaningful": meaningful},
         "spec": spec.recorded(),
         "versions": _versions(),
@@ -671,15 +686,20 @@ def _manifest_tail(spec: ExportSpec, artifacts: dict, thresholds: Callable[[str]
     }
 
 
-def _variant_entries(artifacts: dict, thresholds: Callable[[str], dict], spec: ExportSpec,
-                     decoder: bool) -> dict[str, Any]:
-    """The manifest's variants: files, what each holds, and the gate verify must re-apply."""
+def _variant_entries(artifacts: dict, task: str, spec: ExportSpec, decoder: bool) -> dict[str, Any]:
+    """The manifest's variants: files, what each holds, and the gate verify must re-apply (the defaults with
+    the user's --tolerance overrides, which are recorded beside them)."""
     from .quantize import variant_dtype
+    from .tolerances import effective_gate
 
-    dtypes = {name: variant_dtype(name, decoder=decoder, block_size=spec.int4_block_size,
-                                  int4_embedding=spec.int4_embedding) for name in artifacts}
-    return {name: {"file": a.path.name, "data_files": [d.name for d in a.data_files], "dtype": dtypes[name],
-                   "thresholds": thresholds(name)} for name, a in artifacts.items()}
+    entries = {}
+    for name, a in artifacts.items():
+        thresholds, overridden = effective_gate(task, name, spec.tolerances)
+        entries[name] = {"file": a.path.name, "data_files": [d.name for d in a.data_files],
+                         "dtype": variant_dtype(name, decoder=decoder, block_size=spec.int4_block_size,
+                                                int4_embedding=spec.int4_embedding),
+                         "thresholds": thresholds, **({"user_tolerances": overridden} if overridden else {})}
+    return entries
 
 
 def _copy_base_docs(base, staging: Path) -> None:
@@ -726,8 +746,7 @@ def _finish(staging: Path, spec, modes, manifest: dict[str, Any], results: dict,
         (staging / "recipe.yaml").write_text(spec.recipe_yaml, encoding="utf-8")
     if spec.include_adapter:
         shutil.copytree(adapter.path, staging / "adapter")
-    write_json(staging / PARITY_JSON, report)
-    (staging / PARITY_MD).write_text(render_markdown(report), encoding="utf-8")
+    write_report(staging, report)
     manifest["files"] = file_hashes(staging)
     write_manifest(staging, manifest)
     return report
@@ -742,6 +761,8 @@ def run_recipe(recipe, out: Path, *, overwrite: bool = False, quiet: bool = Fals
     require_full("run")
     out = Path(out)
     check_out(out, overwrite)
+    # Before minutes of fine-tuning: a misspelt threshold fails now.
+    check_tolerances(recipe.task, normalize_modes(tuple(recipe.export.quantize)), tuple(recipe.tolerances.gates.items()))
     adapter_dir = out.parent / f".{out.name}.adapter"
     stages = _Stages(progress)
     trained = stages.run("finetune", f"fine-tuning LoRA on {recipe.base}", finetune, recipe, adapter_dir,
@@ -759,6 +780,7 @@ def run_recipe(recipe, out: Path, *, overwrite: bool = False, quiet: bool = Fals
         labels=tuple(data.labels) if data.labels else None, quantize=tuple(recipe.export.quantize),
         opset=recipe.export.opset, overwrite=overwrite, trust_remote_code=recipe.trust_remote_code,
         task_eval=task_eval, recipe_yaml=effective_yaml(recipe), include_adapter=True,
+        tolerances=tuple(recipe.tolerances.gates.items()),
         training={"seconds": stages.timings["finetune"],
                   **{k: trained.metrics.get(k) for k in ("global_step", "train_loss", "eval", "train_rows", "eval_rows",
                                                          "validation_rows", "best_checkpoint", "validation")}},
@@ -778,7 +800,6 @@ def _build_decoder(spec, modes, stages: _Stages, adapter, base, arch, task, stag
     from .generation import prefill_feeds, run_arrays
     from .merge import apply_adapter, load_base_model, merge
     from .probes import GREEDY_TOKENS, encode, load_tokenizer, save_arrays
-    from .tolerances import decoder_thresholds_for
     from .verify import evaluate_variants
 
     warnings: list[str] = []
@@ -845,12 +866,15 @@ def _build_decoder(spec, modes, stages: _Stages, adapter, base, arch, task, stag
                                        "min_top2_margin": min_margin, "source": prompts.source})
     save_arrays(staging / INPUTS_NPZ, list(feeds))
     save_arrays(staging / OUTPUTS_NPZ, run_arrays(runs))
+    # The base's prompt logits exist for the single-prompt batches (the padded batch has none).
+    save_arrays(staging / BASE_OUTPUTS_NPZ, [{"logits": base_logits[i].astype(np.float32)} for i in chosen] + [{}])
     _copy_base_docs(base, staging)
     manifest: dict[str, Any] = {
         **_manifest_head(spec, task, base, adapter, num_parameters),
         **_decoder_fields(dio, tok, max_length, positions, eos_ids, pad_source),
         "probes": prompts.manifest(),
-        **_manifest_tail(spec, artifacts, decoder_thresholds_for, effect, required, meaningful, decoder=True),
+        **_manifest_tail(spec, artifacts, task.name, effect, required, meaningful, decoder=True,
+                         base_reference=True),
     }
     if "int4" in manifest["variants"]:
         manifest["variants"]["int4"]["modules_8bit"] = list(merged_modules)

@@ -72,6 +72,11 @@ class Tolerances(_Strict):
         description="Largest allowed drop of the task metric (accuracy, entity F1, the token accuracy of the reference "
         "responses for text-generation) from PyTorch to any ONNX variant.",
     )
+    gates: dict[str, float] = Field(
+        default_factory=dict,
+        description="Overrides of the parity gates' thresholds, as [VARIANT.]NAME: VALUE (e.g. int8.max_prob_diff: "
+        "0.3); names and defaults in docs/gates.md. Recorded in the manifest and shown in parity.md.",
+    )
 
 
 class Recipe(_Strict):

@@ -9,21 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from .bundle import SCHEMA_VERSION
+from .tolerances import THRESHOLDS
 
 _THRESHOLDS = {
     "type": "object",
-    "description": "The gate applied to this variant; verify re-applies exactly these numbers.",
-    "properties": {
-        "atol": {"type": "number"}, "rtol": {"type": "number"}, "min_cosine": {"type": "number"},
-        "atol_rms": {"type": "number", "description": "fp32: the absolute tolerance is max(atol, atol_rms x rms of "
-                     "the PyTorch output)"},
-        "argmax_agreement": {"type": "number"},
-        "clear_margin_rel": {"type": "number", "description": "argmax is gated on rows whose top-2 margin >= "
-                             "this x rms of the reference logits"},
-        "greedy_exact": {"type": "number", "description": "decoders: share of prompts whose greedy tokens match"},
-        "max_mean_kl": {"type": "number", "description": "decoders: mean KL(torch || onnx) over prompt positions"},
-        "min_prefix_match": {"type": "number", "description": "decoders: mean matching share of greedy tokens"},
-    },
+    "description": "The gate applied to this variant; verify re-applies exactly these numbers (finite, in range).",
+    "properties": {name: {"type": "number", "description": f"{what} ({kind})"}
+                   for name, (kind, what) in THRESHOLDS.items()},
     "additionalProperties": False,
 }
 
@@ -33,8 +25,8 @@ _OUTPUT_METRICS = {
     "properties": {
         "finite": {"type": "boolean"},
         "n_values": {"type": "integer", "description": "values compared (padded positions excluded)"},
-        "max_abs_diff": {"type": "number"},
-        "mean_abs_diff": {"type": "number"},
+        "max_abs_diff": {"type": ["number", "null"], "description": "null when onnxruntime gave NaN/inf"},
+        "mean_abs_diff": {"type": ["number", "null"]},
         "cosine_min": {"type": "number", "description": "lowest per-row cosine (row = example or token)"},
         "cosine_mean": {"type": "number"},
         "n_over_tolerance": {"type": "integer", "description": "fp32: values outside atol + rtol*|torch|"},
@@ -44,7 +36,33 @@ _OUTPUT_METRICS = {
         "clear_margin_abs": {"type": "number", "description": "clear_margin_rel x rms of the reference logits"},
         "n_clear": {"type": "integer", "description": "rows whose top-2 margin is >= clear_margin_abs"},
         "argmax_agreement_clear": {"type": "number"},
-        "mean_kl": {"type": "number"},
+        "mean_kl": {"type": "number", "description": "mean KL(softmax torch || softmax onnx) per row"},
+        "max_kl": {"type": "number"},
+        "prob_max_abs_diff": {"type": "number", "description": "largest change of any class probability"},
+        "n_rows": {"type": "integer", "description": "rows compared (examples, or non-padded tokens)"},
+        "rms": {"type": "number", "description": "rms of the PyTorch output (scales atol and clear margins)"},
+        "n_cosine_rows": {"type": "integer", "description": "rows whose cosine is gated (norm not near zero)"},
+        "cosine_min_gated": {"type": "number", "description": "lowest cosine over those rows"},
+        "n_texts": {"type": "integer", "description": "embeddings: distinct probe texts compared"},
+        "neighbour_agreement": {"type": "number", "description": "share of texts keeping their nearest neighbour"},
+        "n_clear_neighbours": {"type": "integer"},
+        "neighbour_agreement_clear": {"type": "number", "description": "the same over texts with a clear one"},
+        "similarity_max_abs_diff": {"type": "number", "description": "largest change of a pairwise cosine"},
+        "rank_correlation": {"type": "number", "description": "Spearman of the pairwise cosine similarities"},
+        "distribution": {"type": "object", "required": ["metric", "quantiles"],
+                         "description": "quantiles (0 to 100%) of the per-row error, for the report's plot",
+                         "properties": {"metric": {"type": "string"},
+                                        "quantiles": {"type": "array", "items": {"type": "number"}}}},
+        "worst": {"type": "object", "description": "per metric, the probe row with the worst value",
+                  "additionalProperties": {
+                      "type": "object", "required": ["batch", "example", "token", "value", "torch", "onnx"],
+                      "properties": {"batch": {"type": "integer"}, "example": {"type": "integer"},
+                                     "token": {"type": "integer", "description": "-1 for per-example outputs"},
+                                     "value": {"type": "number"}, "text": {"type": ["string", "null"]},
+                                     "torch": {"type": "array", "items": {"type": "number"}},
+                                     "onnx": {"type": ["array", "null"], "items": {"type": "number"}},
+                                     "torch_top": {"type": "array", "items": {"type": "integer"}},
+                                     "onnx_top": {"type": ["array", "null"], "items": {"type": "integer"}}}}},
         "greedy_exact": {"type": "number"},
         "prefix_match_mean": {"type": "number", "description": "departures at PyTorch near-ties count as matched"},
         "tie_divergences": {"type": "integer", "description": "continuations that departed at a PyTorch near-tie"},
@@ -64,6 +82,12 @@ _ADAPTER = {
     },
 }
 
+_USER_TOLERANCES = {
+    "type": "object", "description": "thresholds the user set with export --tolerance: the value used and the default",
+    "additionalProperties": {"type": "object", "required": ["value", "default"],
+                             "properties": {"value": {"type": "number"}, "default": {"type": "number"}}},
+}
+
 _VARIANT_RESULT = {
     "type": "object",
     "required": ["file", "passed", "thresholds", "outputs", "failures"],
@@ -71,6 +95,7 @@ _VARIANT_RESULT = {
         "file": {"type": "string"},
         "passed": {"type": "boolean"},
         "thresholds": _THRESHOLDS,
+        "user_tolerances": _USER_TOLERANCES,
         "outputs": {"type": "object", "additionalProperties": _OUTPUT_METRICS,
                     "description": "per output; with swappable adapters: the base (no adapter active)"},
         "failures": {"type": "array", "items": {"type": "string"},
@@ -215,7 +240,8 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                  "inputs", "outputs", "tokenizer", "reference", "variants", "default_variant", "files",
                  "versions", "spec"],
     "properties": {
-        "schema_version": {"const": SCHEMA_VERSION},
+        "schema_version": {"type": "integer", "minimum": 1, "maximum": SCHEMA_VERSION,
+                           "description": f"{SCHEMA_VERSION} for bundles this version writes; older ones still verify"},
         "created_by": {"type": "string"},
         "task": {"enum": TASK_NAMES},
         "labels": {"type": ["array", "null"], "items": {"type": "string"}},
@@ -258,6 +284,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                 "type": "object", "required": ["file", "data_files", "dtype", "thresholds", "passed"],
                 "properties": {"file": {"type": "string"}, "data_files": {"type": "array", "items": {"type": "string"}},
                                "dtype": {"type": "string"}, "thresholds": _THRESHOLDS, "passed": {"type": "boolean"},
+                               "user_tolerances": _USER_TOLERANCES,
                                "modules_8bit": {"type": "array", "items": {"type": "string"},
                                                 "description": "int4: modules a merged adapter changed, kept at "
                                                                "8 bits"}},
@@ -285,7 +312,8 @@ REPORT_SCHEMA: dict[str, Any] = {
     "required": ["schema_version", "command", "passed", "task", "base", "adapter", "integrity", "variants",
                  "warnings"],
     "properties": {
-        "schema_version": {"const": SCHEMA_VERSION},
+        "schema_version": {"type": "integer", "minimum": 1, "maximum": SCHEMA_VERSION,
+                           "description": "the bundle's schema_version"},
         "command": {"enum": ["export", "verify", "add-adapter"]},
         "tool_version": {"type": "string"},
         "passed": {"type": "boolean", "description": "true when integrity and every variant passed"},
@@ -307,6 +335,20 @@ REPORT_SCHEMA: dict[str, Any] = {
         "sizes": {"type": "object", "additionalProperties": {"type": "integer"},
                   "description": "export only: bytes per variant (graph + external data)"},
         "task_metrics": _TASK_METRICS,
+        "plot": {"type": "string", "description": "the error-distribution plot in the bundle (needs matplotlib)"},
+        "user_probes": {"type": "object", "required": ["count", "reference", "variants", "file"],
+                        "description": "verify --probe-texts: each quantized variant vs the fp32 graph on the "
+                                       "user's texts (no PyTorch on the device)",
+                        "properties": {"count": {"type": "integer"}, "texts_in_file": {"type": "integer"},
+                                       "reference": {"const": "fp32"}, "file": {"type": "string"},
+                                       "problems": {"type": "array", "items": {"type": "string"}},
+                                       "variants": {"type": "object", "additionalProperties": {
+                                           "type": "object", "required": ["passed", "outputs", "failures"],
+                                           "properties": {"passed": {"type": "boolean"},
+                                                          "outputs": {"type": "object",
+                                                                      "additionalProperties": _OUTPUT_METRICS},
+                                                          "failures": {"type": "array",
+                                                                       "items": {"type": "string"}}}}}}},
         "training": {"type": ["object", "null"], "description": "run only: the fine-tuning summary"},
         "cpu": {**_CPU, "description": "verify only: the CPU this verification ran on"},
         "exported_on": {"oneOf": [_CPU, {"type": "null"}],

@@ -23,7 +23,6 @@ from .bundle import (
     INPUTS_NPZ,
     OUTPUTS_NPZ,
     PARITY_JSON,
-    PARITY_MD,
     PROBES_JSON,
     REFERENCE_DIR,
     check_integrity,
@@ -281,7 +280,6 @@ def build_swappable(spec, modes, stages, adapters: list[tuple[str, Any]], base, 
     from .probes import GREEDY_TOKENS, encode, load_tokenizer, save_arrays
     from .swap_export import add_defaults, base_defaults, inject
     from .tasks import input_names as task_inputs
-    from .tolerances import decoder_thresholds_for, thresholds_for
     from .verify import evaluate_variants
 
     warnings: list[str] = []
@@ -401,8 +399,7 @@ def build_swappable(spec, modes, stages, adapters: list[tuple[str, Any]], base, 
         **_manifest_head(spec, task, base, first, num_parameters),
         **fields,
         "probes": texts.manifest(),
-        **_manifest_tail(spec, artifacts, decoder_thresholds_for if is_decoder else thresholds_for, effect,
-                         required, meaningful, decoder=is_decoder),
+        **_manifest_tail(spec, artifacts, task.name, effect, required, meaningful, decoder=is_decoder),
     }
     manifest["adapter"] = None
     manifest["adapters"] = {
@@ -451,7 +448,7 @@ def _add_locked(root: Path, adapter_path: Path, name: str, base: str | None, all
     from .loading import check_architecture, inspect_adapter, public_base_name, resolve_base_name, sha256_file
     from .merge import load_base_model, resolve_labels
     from .pipeline import _Stages
-    from .report import render_markdown
+    from .report import write_report
     from .runtime import text_input_names
     from .tasks import get_arch, get_task, task_from_peft
     from .verify import evaluate_variants, load_reference
@@ -547,8 +544,7 @@ def _add_locked(root: Path, adapter_path: Path, name: str, base: str | None, all
                        "adapters": adapters_summary(manifest), "adapter_effect": manifest["adapter_effect"],
                        "warnings": list(report.get("warnings", [])) + warnings})
         report.setdefault("timings", {}).update({f"add_{k}": v for k, v in stages.timings.items()})
-        write_json(staging / PARITY_JSON, report)
-        (staging / PARITY_MD).write_text(render_markdown(report), encoding="utf-8")
+        write_report(staging, report)
         manifest["files"] = file_hashes(staging)
         write_manifest(staging, manifest)
         if not passed:

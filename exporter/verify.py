@@ -13,13 +13,14 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .bundle import INPUTS_NPZ, OUTPUTS_NPZ, PROBES_JSON, check_integrity, read_manifest
+from .bundle import INPUTS_NPZ, MANIFEST, OUTPUTS_NPZ, PROBES_JSON, check_integrity, read_manifest
 from .cpu import cpu_features
 from .errors import BundleError, ExporterError
 from .parity import compare_variant
 from .probes import encode, load_arrays
 from .runtime import bundle_tokenizer, make_session, output_infos, text_input_names
 from .swappable import adapters_summary
+from .tolerances import threshold_problem
 
 
 def load_reference(root: Path) -> tuple[dict, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
@@ -34,8 +35,10 @@ def load_reference(root: Path) -> tuple[dict, list[dict[str, np.ndarray]], list[
 class _EncoderRunner:
     """Runs the stored probe batches through a session and judges them (encoders)."""
 
-    def __init__(self, manifest: dict[str, Any], inputs: list[dict[str, np.ndarray]]) -> None:
+    def __init__(self, manifest: dict[str, Any], probes: dict, inputs: list[dict[str, np.ndarray]]) -> None:
         self.inputs = inputs
+        self.probes = probes
+        self.row_texts = probes.get("batches")
         self.infos = output_infos(manifest)
         self.output_names = [i.name for i in self.infos]
         self.masks = [b["attention_mask"] for b in inputs]
@@ -44,8 +47,9 @@ class _EncoderRunner:
         return [dict(zip(self.output_names, session.run(self.output_names, feeds, run_options)))
                 for feeds in self.inputs]
 
-    def judge(self, outputs, reference, thresholds: dict) -> dict[str, Any]:
-        return compare_variant(outputs, reference, self.masks, self.infos, thresholds)
+    def judge(self, outputs, reference, thresholds: dict, base=None) -> dict[str, Any]:
+        result = compare_variant(outputs, reference, self.masks, self.infos, thresholds, self.row_texts, base)
+        return name_worst_probes(result, self.probes)
 
     def arrays(self, outputs) -> list[np.ndarray]:
         return [o[n] for o in outputs for n in self.output_names]
@@ -58,6 +62,7 @@ class _DecoderRunner:
         from .generation import DecoderIO
 
         self.inputs = inputs
+        self.probes = probes
         self.dio = DecoderIO.from_json(manifest["decoder"])
         self.n_new = int(probes["max_new_tokens"])
 
@@ -71,22 +76,35 @@ class _DecoderRunner:
 
         return [greedy(step, self.dio, b["input_ids"], b["attention_mask"], self.n_new) for b in self.inputs]
 
-    def judge(self, runs, reference, thresholds: dict) -> dict[str, Any]:
+    def judge(self, runs, reference, thresholds: dict, base=None) -> dict[str, Any]:
         from .parity import compare_decoder
 
-        return compare_decoder([r.prefill_logits for r in runs], [r["logits"] for r in reference],
-                               [b["attention_mask"] for b in self.inputs], [r.tokens for r in runs],
-                               [r["tokens"] for r in reference], thresholds, [r["margins"] for r in reference])
+        result = compare_decoder([r.prefill_logits for r in runs], [r["logits"] for r in reference],
+                                 [b["attention_mask"] for b in self.inputs], [r.tokens for r in runs],
+                                 [r["tokens"] for r in reference], thresholds, [r["margins"] for r in reference],
+                                 [b.get("logits") for b in base] if base is not None else None)
+        return name_worst_probes(result, self.probes)
 
     def arrays(self, runs) -> list[np.ndarray]:
         return [a for r in runs for a in (r.prefill_logits, r.tokens.astype(np.float64))]
+
+
+def name_worst_probes(result: dict[str, Any], probes: dict) -> dict[str, Any]:
+    """Give each worst-probe entry its text (probes.json maps batch and example to a text), for the report."""
+    texts, batches = probes.get("texts") or [], probes.get("batches") or []
+    for m in result["outputs"].values():
+        for entry in (m.get("worst") or {}).values():
+            b, e = entry["batch"], entry["example"]
+            index = batches[b][e] if b < len(batches) and e < len(batches[b]) else None
+            entry["text"] = texts[index] if isinstance(index, int) and 0 <= index < len(texts) else None
+    return result
 
 
 def _runner(root: Path, manifest: dict[str, Any]):
     probes, inputs, reference = load_reference(root)
     if manifest.get("family") == "decoder":
         return _DecoderRunner(manifest, probes, inputs), reference
-    return _EncoderRunner(manifest, inputs), reference
+    return _EncoderRunner(manifest, probes, inputs), reference
 
 
 def evaluate_variants(
@@ -96,6 +114,10 @@ def evaluate_variants(
     """Each variant on the stored probes against the stored PyTorch reference (and, for a bundle with
     swappable adapters, with each adapter active and switching between them)."""
     runner, reference = _runner(root, manifest)
+    # The base model's outputs on the probes (bundles from schema 2 on): they let a quantized variant show it kept
+    # the adapter (parity.adapter_kept).
+    base_file = (manifest.get("reference") or {}).get("base_outputs")
+    base = load_arrays(root / base_file, len(reference)) if base_file else None
     results = {}
     for name in names:
         entry = manifest["variants"][name]
@@ -106,7 +128,7 @@ def evaluate_variants(
             results[name] = {"file": entry["file"], "passed": False, "thresholds": entry["thresholds"],
                              "outputs": {}, "failures": [str(e)]}
             continue
-        result = runner.judge(outputs, reference, entry["thresholds"])
+        result = runner.judge(outputs, reference, entry["thresholds"], base if name != "fp32" else None)
         section = manifest.get("adapters")
         if section and name != "fp32" and section.get("base_gate") == "fp32-only" and result["failures"]:
             result = {**result, "passed": True, "failures": [],
@@ -115,6 +137,8 @@ def evaluate_variants(
                       "gated; fp32 proves graph == base, each adapter is gated on every variant: "
                       + "; ".join(result["failures"])}
         results[name] = {"file": entry["file"], **result}
+        if entry.get("user_tolerances"):
+            results[name]["user_tolerances"] = entry["user_tolerances"]
         if section:
             _evaluate_adapters(root, manifest, runner, session, outputs, results[name], skip_adapters or {})
     return results
@@ -165,6 +189,56 @@ def _evaluate_adapters(root: Path, manifest: dict[str, Any], runner, session, ba
     result["passed"] = not result["failures"]
 
 
+def read_probe_file(path: Path, family: str) -> tuple[tuple[str, ...], int]:
+    """verify --probe-texts FILE: the same format as export's (one text per line, or JSON Lines)."""
+    from .errors import UserInputError
+    from .probes import MAX_USER_PROBES, parse_probe_file
+
+    try:
+        raw = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserInputError(f"probe file {path}: not found") from None
+    except UnicodeDecodeError:
+        raise UserInputError(f"probe file {path}: not UTF-8 text; save it as UTF-8") from None
+    except OSError as e:
+        raise UserInputError(f"probe file {path}: cannot read it ({e.strerror})") from None
+    return parse_probe_file(raw, str(path), MAX_USER_PROBES[family])
+
+
+def check_on_texts(root: Path, manifest: dict[str, Any], texts: tuple[str, ...], names: list[str],
+                   providers: list[str] | None = None, threads: int | None = None) -> dict[str, Any]:
+    """Parity on the user's own texts, on the device. There is no PyTorch here, so the fp32 graph is the
+    reference (verify proves it equals PyTorch on the stored probes, to ~1e-4 x the output's scale); every
+    other variant is judged against it with the thresholds in the manifest."""
+    from .probes import GREEDY_TOKENS, user_batches
+
+    if not manifest.get("tokenizer"):
+        raise BundleError(f"{root}: exported with --no-tokenizer, so it cannot tokenize --probe-texts")
+    tok = bundle_tokenizer(root, manifest)
+    names_in = text_input_names(manifest)
+    decoder = manifest.get("family") == "decoder"
+    batches = [(i,) for i in range(len(texts))] + [tuple(range(len(texts)))] if decoder else user_batches(len(texts))
+    feeds = [encode(tok, [texts[i] for i in b], names_in) for b in batches]
+    probes = {"texts": list(texts), "batches": [list(b) for b in batches], "max_new_tokens": GREEDY_TOKENS}
+    runner = _DecoderRunner(manifest, probes, feeds) if decoder else _EncoderRunner(manifest, probes, feeds)
+    fp32 = runner.run(make_session(root / manifest["variants"]["fp32"]["file"], providers, threads))
+    reference = ([{"logits": r.prefill_logits, "tokens": r.tokens, "margins": r.margins} for r in fp32]
+                 if decoder else fp32)
+    results = {}
+    for name in names:
+        if name == "fp32":
+            continue
+        entry = manifest["variants"][name]
+        try:
+            outputs = runner.run(make_session(root / entry["file"], providers, threads))
+        except ExporterError as e:
+            results[name] = {"passed": False, "outputs": {}, "failures": [str(e)]}
+            continue
+        judged = runner.judge(outputs, reference, entry["thresholds"])
+        results[name] = {k: judged[k] for k in ("passed", "outputs", "failures")}
+    return {"count": len(texts), "reference": "fp32", "variants": results}
+
+
 def check_tokenizer(root: Path, manifest: dict[str, Any]) -> list[str]:
     """Re-tokenize the stored probe texts; the ids must equal the stored ones, or inference would drift."""
     probes, inputs, _ = load_reference(root)
@@ -181,11 +255,16 @@ def check_tokenizer(root: Path, manifest: dict[str, Any]) -> list[str]:
 
 def verify_bundle(
     root: Path | str, variants: list[str] | None = None, providers: list[str] | None = None,
-    threads: int | None = None,
+    threads: int | None = None, probe_texts: Path | None = None,
 ) -> dict[str, Any]:
-    """The Report for a published bundle: integrity, tokenizer, and every (or the chosen) variant's parity."""
+    """The Report for a published bundle: integrity, tokenizer, and every (or the chosen) variant's parity;
+    with ``probe_texts``, also every quantized variant against fp32 on those texts (check_on_texts)."""
     root = Path(root)
     manifest = read_manifest(root)
+    user_texts = None
+    if probe_texts is not None:
+        user_texts, total = read_probe_file(probe_texts, "decoder" if manifest.get("family") == "decoder"
+                                            else "encoder")
     available = list(manifest["variants"])
     names = variants or available
     for v in names:
@@ -193,8 +272,18 @@ def verify_bundle(
             raise BundleError(f"{root}: no variant {v!r}; this bundle has {', '.join(available)}")
     problems = check_integrity(root, manifest)
     bad_files = {p.split(":")[0] for p in problems}
+    bad_gates = set()
+    for v, entry in manifest["variants"].items():
+        thresholds = entry.get("thresholds")
+        found = ([threshold_problem(k, x) for k, x in thresholds.items()] if isinstance(thresholds, dict)
+                 else ["thresholds is not an object"])
+        for problem in filter(None, found):
+            problems.append(f"{MANIFEST}: variants.{v}.thresholds: {problem} (the bundle was tampered with or is "
+                            "damaged; re-export it)")
+            bad_gates.add(v)
     tokenizer_file = (manifest.get("tokenizer") or {}).get("file")
-    reference_ok = not ({PROBES_JSON, INPUTS_NPZ, OUTPUTS_NPZ, tokenizer_file} & bad_files)
+    base_file = (manifest.get("reference") or {}).get("base_outputs")
+    reference_ok = not ({PROBES_JSON, INPUTS_NPZ, OUTPUTS_NPZ, tokenizer_file, base_file} & bad_files)
     if reference_ok and tokenizer_file:
         problems += check_tokenizer(root, manifest)
     runnable = []
@@ -203,9 +292,12 @@ def verify_bundle(
         entry = manifest["variants"][v]
         files = [entry["file"], *entry.get("data_files", [])]
         broken = [f for f in files if f in bad_files]
-        if broken or not reference_ok:
-            why = f"{broken[0]} failed the integrity check" if broken else "the reference files are damaged"
-            results[v] = {"file": entry["file"], "passed": False, "thresholds": entry["thresholds"],
+        if broken or not reference_ok or v in bad_gates:
+            why = (f"{broken[0]} failed the integrity check" if broken else "its thresholds are invalid"
+                   if v in bad_gates else "the reference files are damaged")
+            # Invalid thresholds are not echoed (a NaN is not even JSON).
+            results[v] = {"file": entry["file"], "passed": False,
+                          "thresholds": {} if v in bad_gates else entry["thresholds"],
                           "outputs": {}, "failures": [f"not run: {why}"]}
         else:
             runnable.append(v)
@@ -216,7 +308,22 @@ def verify_bundle(
             skip[adapter] = f"{broken[0]} failed the integrity check"
     results.update(evaluate_variants(root, manifest, runnable, providers, threads, skip))
     results = {v: results[v] for v in names}
-    passed = not problems and all(r["passed"] for r in results.values())
+    user = None
+    if user_texts is not None:
+        fp32_files = [manifest["variants"]["fp32"]["file"], *manifest["variants"]["fp32"].get("data_files", [])]
+        if (set(fp32_files) | {tokenizer_file}) & bad_files:
+            user = {"count": len(user_texts), "reference": "fp32", "variants": {},
+                    "problems": ["not run: the fp32 reference or the tokenizer failed the integrity check"]}
+        else:
+            user = check_on_texts(root, manifest, user_texts, [v for v in runnable if v != "fp32"], providers,
+                                  threads)
+        user["file"] = Path(probe_texts).name
+        user["texts_in_file"] = total
+        for v, r in user["variants"].items():
+            if not r["passed"]:
+                results[v]["passed"] = False
+                results[v]["failures"] += [f"your probes ({user['file']}, vs fp32): {f}" for f in r["failures"]]
+    passed = not problems and all(r["passed"] for r in results.values()) and not (user or {}).get("problems")
     return {
         "schema_version": manifest["schema_version"],
         "command": "verify",
@@ -234,5 +341,6 @@ def verify_bundle(
         "cpu": cpu_features(),
         "exported_on": (manifest.get("verified_on") or {}).get("cpu"),
         **({"adapters": adapters_summary(manifest)} if manifest.get("adapters") else {}),
+        **({"user_probes": user} if user is not None else {}),
     }
 

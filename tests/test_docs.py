@@ -46,8 +46,9 @@ def test_tolerances_in_docs_match_module():
 
     doc = (ROOT / "docs" / "bundle.md").read_text()
     assert f"<= max({t.FP32_ATOL:g}, {t.FP32_ATOL_RMS:g} * rms(torch)) + {t.FP32_RTOL:g} * abs(torch)" in doc
-    assert f"cosine >= {t.FP16_MIN_COSINE}" in doc and f"cosine >= {t.INT8_MIN_COSINE}" in doc
-    assert f"margin >= {t.INT8_CLEAR_MARGIN_REL} x rms" in doc and f"margin >= {t.FP16_CLEAR_MARGIN_REL} x rms" in doc
+    assert f"cosine >= {t.FP16_MIN_COSINE}" in doc and f"`adapter_kept` >= {t.MIN_ADAPTER_KEPT}" in doc
+    assert f"margin >= {t.INT8_CLEAR_MARGIN_REL} x rms" in doc and f"fp16: {t.FP16_CLEAR_MARGIN_REL} x rms" in doc
+    assert "[gates.md](gates.md)" in doc  # every default, generated from the module
 
 
 def test_readme_commands_are_what_ci_runs():
