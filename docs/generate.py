@@ -21,7 +21,7 @@ def render_cli() -> str:
     parts = ["# Command-line reference", "",
              "Generated from `--help` by `python docs/generate.py`; do not edit by hand.", ""]
     runner = CliRunner()
-    for args in ([], ["run"], ["finetune"], ["export"], ["verify"], ["infer"], ["generate"], ["inspect"], ["recipe"],
+    for args in ([], ["run"], ["finetune"], ["export"], ["verify"], ["infer"], ["generate"], ["inspect"], ["keygen"], ["recipe"],
                  ["recipe", "check"], ["recipe", "schema"]):
         title = " ".join(["export-adapter", *args])
         out = runner.invoke(cli, [*args, "--help"], prog_name="export-adapter", terminal_width=100).output

@@ -15,8 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import BundleError, OutputExistsError, UserInputError
+from .errors import BundleError, OutputExistsError, TamperedBundleError, UserInputError
 from .loading import sha256_file
+from .signing import SIGNATURE
 
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
@@ -57,11 +58,39 @@ def make_staging(out: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
+def is_bundle(folder: Path) -> bool:
+    """A folder this tool wrote: its manifest names export-adapter (an empty folder also counts as replaceable)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and str(manifest.get("created_by", "")).startswith("export-adapter")
+
+
+def check_out(out: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> None:
+    """OUT may be new, or (with --overwrite) an earlier bundle or an empty folder: never a folder of the user's
+    own files, never `.`, `/`, the home folder or one of their parents, never a folder holding an input."""
+    target = out.resolve()
+    protected = {Path("/"), Path.home().resolve(), Path.cwd().resolve()}
+    if target in protected or any(target in p.parents for p in protected):
+        raise UserInputError(f"-o {out}: is {target}, which holds your work (the current, home or root folder, or "
+                             "a parent of one); choose a new folder for the bundle")
+    for item in inputs:
+        src = Path(item).resolve()
+        if src == target or target in src.parents:
+            raise UserInputError(f"-o {out}: holds an input of this export ({item}); choose another folder")
+        if src.is_dir() and src in target.parents:
+            raise UserInputError(f"-o {out}: is inside an input folder of this export ({item}); choose another "
+                                 "folder")
+    if not out.exists():
+        return
+    if not overwrite:
         raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it, or choose another -o")
-    if out.exists() and not out.is_dir():
+    if out.is_symlink() or not out.is_dir():
         raise UserInputError(f"{out} exists and is not a folder; choose another -o")
+    if not is_bundle(out) and any(out.iterdir()):
+        raise UserInputError(f"-o {out}: exists and is not an export-adapter bundle (no manifest of ours); "
+                             "--overwrite only replaces a bundle or an empty folder, choose another -o")
 
 
 def publish(staging: Path, out: Path, overwrite: bool) -> None:
@@ -84,19 +113,63 @@ def publish(staging: Path, out: Path, overwrite: bool) -> None:
 def reject(staging: Path, out: Path) -> Path:
     """Keep a failed export's diagnostics in OUT.rejected (replacing an older one); OUT stays untouched."""
     rejected = out.with_name(out.name + ".rejected")
-    if rejected.exists():
+    if rejected.exists() and (is_bundle(rejected) or not any(rejected.iterdir())):
         shutil.rmtree(rejected)
+    elif rejected.exists():  # a folder of the user's that happens to have that name: keep it
+        rejected = Path(tempfile.mkdtemp(prefix=f"{out.name}.rejected-", dir=out.parent))
+        os.rmdir(rejected)
     os.rename(staging, rejected)
     return rejected
 
 
+# No file in a bundle is larger than this (a 2 GB graph keeps its weights in one external data file; 64 GiB
+# covers a 30B model in fp16). A manifest naming a larger file is not hashed at all.
+MAX_FILE_BYTES = 64 << 30
+# A manifest is a few kB (a swappable bundle with many adapters some 100 kB); a larger one is not parsed.
+MAX_MANIFEST_BYTES = 16 << 20
+
+
+def member_problem(root: Path, rel: object) -> str | None:
+    """Why a path a manifest names cannot be a bundle file (it is untrusted), or None. A bundle file is a
+    relative, normalised path inside the bundle to a regular file (no symlink anywhere on the way, no FIFO or
+    device) within MAX_FILE_BYTES."""
+    import posixpath
+    import stat
+
+    if not isinstance(rel, str) or not rel or "\x00" in rel or "\\" in rel:
+        return f"{rel!r}: not a file path"
+    if rel.startswith("/") or posixpath.normpath(rel) != rel or rel.split("/")[0] in ("..", "."):
+        return f"{rel}: not a relative path inside the bundle"
+    here = root
+    for part in rel.split("/"):
+        here = here / part
+        try:
+            st = os.lstat(here)
+        except FileNotFoundError:
+            return f"{rel}: missing"
+        except OSError as e:
+            return f"{rel}: cannot be read ({e.strerror})"
+        if stat.S_ISLNK(st.st_mode):
+            return f"{rel}: is a symlink (a bundle holds only regular files)"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{rel}: not a regular file"
+    if st.st_size > MAX_FILE_BYTES:
+        return f"{rel}: {st.st_size} bytes, over the {MAX_FILE_BYTES >> 30} GiB a bundle file may have"
+    return None
+
+
 def file_hashes(root: Path) -> dict[str, str]:
-    """sha256 of every file in the bundle except the manifest and its checksum."""
-    return {
-        p.relative_to(root).as_posix(): sha256_file(p)
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name not in (MANIFEST, MANIFEST_SHA)
-    }
+    """sha256 of every file in the bundle except the manifest and its checksum. A symlink or any other
+    non-regular entry is refused: hashing it would vouch for whatever it points at."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_symlink() or not (p.is_dir() or p.is_file()):
+            raise BundleError(f"{root}: {rel} is a symlink or not a regular file; a bundle holds only regular "
+                              "files, remove it")
+        if p.is_file() and rel not in (MANIFEST, MANIFEST_SHA, SIGNATURE):
+            out[rel] = sha256_file(p)
+    return out
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -117,17 +190,31 @@ def read_manifest(root: Path) -> dict[str, Any]:
     path = root / MANIFEST
     if not path.is_file():
         raise BundleError(f"{root}: not a bundle ({MANIFEST} missing); pass the folder written by export")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise TamperedBundleError(f"{path}: {path.stat().st_size} bytes, far larger than a manifest; the bundle is "
+                                  "damaged or tampered with, re-export it")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path}: not valid JSON ({e}); the bundle is damaged, re-export it") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise TamperedBundleError(f"{path}: not valid JSON ({str(e)[:80]}); the bundle is damaged, re-export "
+                                  "it") from None
+    except OSError as e:
+        raise BundleError(f"{path}: cannot be read ({e.strerror})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("schema_version"), int):
-        raise BundleError(f"{path}: no schema_version; the bundle is damaged, re-export it")
+        raise TamperedBundleError(f"{path}: no schema_version; the bundle is damaged, re-export it")
     if manifest["schema_version"] > SCHEMA_VERSION:
         raise BundleError(
             f"{root}: bundle schema_version {manifest['schema_version']} is newer than this export-adapter "
             f"reads ({SCHEMA_VERSION}); upgrade export-adapter on this device"
         )
+    from .schema import MANIFEST_SCHEMA
+    from .validate import schema_errors
+
+    errors = schema_errors(manifest, MANIFEST_SCHEMA)
+    if errors:
+        raise TamperedBundleError(f"{path}: {errors[0]}" + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
+                                  + "; the manifest breaks its schema: the bundle is damaged or tampered with, "
+                                  "re-export it")
     need = manifest.get("min_onnxruntime")
     if need:
         import onnxruntime
@@ -152,17 +239,53 @@ def _version_tuple(v: str) -> tuple[int, ...]:
 def check_integrity(root: Path, manifest: dict[str, Any]) -> list[str]:
     """Every problem with the bundle's files, each naming the file; empty when intact."""
     problems = []
-    sha_file = root / MANIFEST_SHA
-    if not sha_file.is_file():
-        problems.append(f"{MANIFEST_SHA}: missing")
+    if (root / SIGNATURE).is_symlink():
+        problems.append(f"{SIGNATURE}: is a symlink")
+    sha_problem = member_problem(root, MANIFEST_SHA)
+    if sha_problem:
+        problems.append(sha_problem)
     else:
-        recorded = sha_file.read_text(encoding="utf-8").split()[:1]
-        if recorded != [sha256_file(root / MANIFEST)]:
+        # bytes, not text: a flipped byte here is a damaged bundle (exit 3), not a UnicodeDecodeError
+        recorded = (root / MANIFEST_SHA).read_bytes().split()[:1]
+        if recorded != [sha256_file(root / MANIFEST).encode()]:
             problems.append(f"{MANIFEST}: does not match {MANIFEST_SHA} (edited after export)")
-    for rel, digest in sorted((manifest.get("files") or {}).items()):
-        p = root / rel
-        if not p.is_file():
-            problems.append(f"{rel}: missing")
-        elif sha256_file(p) != digest:
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return [*problems, f"{MANIFEST}: files is not an object of path -> sha256"]
+    for rel, digest in sorted(files.items()):
+        problem = member_problem(root, rel)
+        if problem:
+            problems.append(problem)
+        elif sha256_file(root / rel) != digest:
             problems.append(f"{rel}: sha256 differs from the manifest (modified or corrupted)")
+    listed = set(files)
+    for rel in sorted(referenced_files(manifest)):
+        if rel not in listed:
+            problems.append(f"{rel}: used by the manifest but not among its hashed files (tampered)")
+    for p in sorted(root.rglob("*")):
+        if p.is_symlink():
+            problems.append(f"{p.relative_to(root).as_posix()}: is a symlink (a bundle holds only regular files)")
     return problems
+
+
+def referenced_files(manifest: dict[str, Any]) -> set[str]:
+    """Every file the manifest points a reader at (variants, reference, tokenizer, adapters)."""
+    out: set[str] = set()
+
+    def add(x: object) -> None:
+        if isinstance(x, str):
+            out.add(x)
+
+    for entry in (manifest.get("variants") or {}).values():
+        if isinstance(entry, dict):
+            add(entry.get("file"))
+            for d in entry.get("data_files") or []:
+                add(d)
+    for key in ("probes", "inputs", "outputs", "base_outputs"):
+        add((manifest.get("reference") or {}).get(key))
+    add((manifest.get("tokenizer") or {}).get("file"))
+    for item in ((manifest.get("adapters") or {}).get("items") or {}).values():
+        if isinstance(item, dict):
+            add(item.get("file"))
+            add(item.get("reference"))
+    return out

@@ -65,7 +65,7 @@ def cli() -> None:
 
     \b
     Full toolkit (torch):      run, finetune, export, add-adapter, recipe
-    Device profile (no torch): verify, infer, generate, inspect
+    Device profile (no torch): verify, infer, generate, inspect, keygen (needs cryptography)
     Exit codes: 0 ok, 1 error, 2 usage, 3 parity/verification failed, 130/143 interrupted.
     """
 
@@ -119,12 +119,16 @@ def cli() -> None:
               help="Override one parity threshold, e.g. int8.max_prob_diff=0.3 (or max_prob_diff=0.3 for every "
                    "variant that has it); repeatable. Recorded in the manifest and shown in parity.md as your "
                    "choice; verify applies it. Names and defaults: docs/bundle.md (Parity gates).")
+@click.option("--sign", "sign", type=click.Path(path_type=Path), default=None, metavar="KEY.pem",
+              help="Sign the bundle with this Ed25519 private key (export-adapter keygen): writes manifest.json.sig, "
+                   "which verify --trusted-key checks. An encrypted key reads its password from "
+                   "EXPORT_ADAPTER_SIGNING_PASSWORD.")
 @click.option("--json", "as_json", is_flag=True, help="Print the Report (same object as parity.json) on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def export(adapters: tuple[str, ...], keep_adapters: bool, base: str | None, revision: str | None, out: Path, task: str | None, labels: str | None,
            quantize: tuple[str, ...], int4_block_size: str, int4_embedding: bool, opset: int, max_length: int, overwrite: bool, allow_pickle: bool,
            trust_remote_code: bool, no_tokenizer: bool, probe_texts: Path | None,
-           tolerances: tuple[tuple[str, float], ...], as_json: bool, quiet: bool) -> None:
+           tolerances: tuple[tuple[str, float], ...], sign: Path | None, as_json: bool, quiet: bool) -> None:
     """Merge a LoRA adapter into its base, export to ONNX, quantize, and prove parity with PyTorch.
 
     Writes OUT only when every variant passes its gate; otherwise exits 3 and keeps the diagnostics in
@@ -149,6 +153,7 @@ def export(adapters: tuple[str, ...], keep_adapters: bool, base: str | None, rev
         quantize=quantize or ("int8",), opset=opset, overwrite=overwrite, allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code, max_length=max_length, int4_block_size=int(int4_block_size),
         int4_embedding=int4_embedding, no_tokenizer=no_tokenizer, probe_texts=probe_texts, tolerances=tolerances,
+        sign=sign,
     )
     _show_report(lambda: run_pipeline(spec, _progress(quiet)), out, as_json)
 
@@ -224,10 +229,12 @@ def _print_summary(report: dict[str, Any], out: Path) -> None:
 @click.option("--allow-pickle", is_flag=True,
               help="Accept a pickle-only adapter (adapter_model.bin), loaded with weights_only=True.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a base whose code lives in its hub repo.")
+@click.option("--sign", "sign", type=click.Path(path_type=Path), default=None, metavar="KEY.pem",
+              help="Re-sign the updated manifest (a signed bundle's old signature is removed: it no longer matches).")
 @click.option("--json", "as_json", is_flag=True, help="Print the updated Report on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def add_adapter_cmd(bundle: Path, adapter: str, base: str | None, allow_pickle: bool, trust_remote_code: bool,
-                    as_json: bool, quiet: bool) -> None:
+                    sign: Path | None, as_json: bool, quiet: bool) -> None:
     """Convert one more peft adapter for a bundle exported with --keep-adapters (no base re-export).
 
     Refuses an adapter trained for another base or targeting modules the graph does not expose. The bundle is
@@ -238,8 +245,20 @@ def add_adapter_cmd(bundle: Path, adapter: str, base: str | None, allow_pickle: 
 
     name, path = parse_adapter_arg(adapter)
     _show_report(lambda: Report(add_adapter(bundle, path, name, base=base, allow_pickle=allow_pickle,
-                                            trust_remote_code=trust_remote_code, progress=_progress(quiet))),
+                                            trust_remote_code=trust_remote_code, progress=_progress(quiet),
+                                            sign=sign)),
                  bundle, as_json)
+
+
+@cli.command()
+@click.argument("private_key", metavar="KEY.pem", type=click.Path(path_type=Path))
+def keygen(private_key: Path) -> None:
+    """Make an Ed25519 key pair for signing bundles: KEY.pem (private, mode 0600; keep it on the build
+    machine) and KEY.pub.pem (for devices: verify --trusted-key). Never overwrites a key. Needs cryptography."""
+    from .signing import keygen as make_keys
+
+    private, public = make_keys(private_key)
+    click.echo(f"private key: {private}\npublic key:  {public}")
 
 
 @cli.command()
@@ -252,9 +271,12 @@ def add_adapter_cmd(bundle: Path, adapter: str, base: str | None, allow_pickle: 
                    "JSON Lines; without PyTorch on the device the fp32 graph is their reference.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None,
               help="Write this device's error-distribution plot (PNG; needs matplotlib).")
+@click.option("--trusted-key", type=click.Path(path_type=Path), default=None, metavar="PUB.pem",
+              help="Require a valid signature by this Ed25519 public key (export --sign) before anything in the "
+                   "bundle is read; unsigned or mis-signed: exit 3. Needs the sign extra (cryptography).")
 @click.option("--json", "as_json", is_flag=True, help="Print the Report (passed, variants, integrity) on stdout.")
 def verify(bundle: Path, variants: tuple[str, ...], providers: tuple[str, ...], threads: int | None,
-           probe_texts: Path | None, plot: Path | None, as_json: bool) -> None:
+           probe_texts: Path | None, plot: Path | None, trusted_key: Path | None, as_json: bool) -> None:
     """Check a bundle on this device, without torch: hashes, tokenizer, and every variant's parity.
 
     Runs the stored probes and compares with the stored PyTorch outputs under the thresholds in the
@@ -263,7 +285,7 @@ def verify(bundle: Path, variants: tuple[str, ...], providers: tuple[str, ...], 
     """
     from .verify import verify_bundle
 
-    report = verify_bundle(bundle, list(variants) or None, list(providers) or None, threads, probe_texts)
+    report = verify_bundle(bundle, list(variants) or None, list(providers) or None, threads, probe_texts, trusted_key)
     if plot is not None:
         from .plot import write_error_plot
 
@@ -291,6 +313,10 @@ def verify(bundle: Path, variants: tuple[str, ...], providers: tuple[str, ...], 
                           or "no quantized variant"))
             for p in user.get("problems", []):
                 click.echo(f"        {p}")
+        sig = report["signature"]
+        click.echo("  signature " + (f"valid, key {sig['key_id']}" if sig["checked"] else
+                                     "present, not checked (pass --trusted-key)" if sig["signed"] else
+                                     "none: integrity against accidents only (export --sign for authenticity)"))
         exported = (report.get("exported_on") or {}).get("isa")
         click.echo(f"  cpu   {report['cpu']['isa']}" + (f" (the export was verified on {exported})" if exported else ""))
         click.echo(f"{bundle}: {'verified' if report['passed'] else 'VERIFICATION FAILED'}")

@@ -46,6 +46,13 @@ class BundleError(ExporterError):
     """A bundle cannot be read: not a bundle, newer schema, runtime too old."""
 
 
+class TamperedBundleError(BundleError):
+    """A bundle's own files contradict its contract (a manifest that is not valid JSON or breaks its schema): it
+    was damaged or tampered with, which verification reports as a failure (exit 3), like a flipped byte."""
+
+    exit_code = 3
+
+
 class ParityError(ExporterError):
     """A parity gate or a bundle verification failed. Carries the report."""
 

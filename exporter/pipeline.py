@@ -81,6 +81,8 @@ class ExportSpec:
     probe_texts: Path | None = None
     # export --tolerance [VARIANT.]NAME=VALUE: the user's own thresholds, recorded in the manifest and the report.
     tolerances: tuple[tuple[str, float], ...] = ()
+    # export --sign KEY: an Ed25519 private key (PEM); the bundle gets manifest.json.sig (exporter/signing.py).
+    sign: Path | None = None
 
     def recorded(self) -> dict[str, Any]:
         """The effective settings as written into the bundle: no machine paths, no eval data."""
@@ -95,6 +97,7 @@ class ExportSpec:
         d["labels"] = list(self.labels) if self.labels else None
         d["quantize"] = list(self.quantize)
         d["probe_texts"] = Path(self.probe_texts).name if self.probe_texts else None
+        d["sign"] = self.sign is not None  # never the key's path
         return d
 
 
@@ -160,10 +163,11 @@ def run_pipeline(spec: ExportSpec, progress: Progress | None = None) -> Report:
     if spec.opset not in MIN_ORT_FOR_OPSET:
         raise UserInputError(f"--opset {spec.opset}: not supported; use one of {sorted(MIN_ORT_FOR_OPSET)}")
     out = Path(spec.out)
-    adapter_dir = Path(spec.adapter).resolve()
-    if out.resolve() == adapter_dir or adapter_dir in out.resolve().parents:
-        raise UserInputError(f"-o {out}: must not be the adapter folder or inside it; choose another folder")
-    check_out(out, spec.overwrite)
+    check_out(out, spec.overwrite, export_inputs(spec))
+    if spec.sign is not None:  # a wrong key fails now, not after the export
+        from .signing import load_private_key
+
+        load_private_key(spec.sign)
     stages = _Stages(progress)
     if spec.keep_adapters:
         return _run_swappable(spec, modes, stages, out)
@@ -191,6 +195,16 @@ def run_pipeline(spec: ExportSpec, progress: Progress | None = None) -> Report:
 
     return _staged(out, spec.overwrite,
                    lambda staging: build(spec, modes, stages, adapter, base, arch, task, staging), hint)
+
+
+def export_inputs(spec: ExportSpec) -> tuple[Path, ...]:
+    """The files and folders an export reads, which OUT must not contain (--overwrite would delete them)."""
+    items = [Path(spec.adapter), *(Path(p) for _, p in spec.adapters)]
+    if spec.base and not spec.base.startswith("embedded:") and Path(spec.base).exists():
+        items.append(Path(spec.base))
+    if spec.probe_texts:
+        items.append(Path(spec.probe_texts))
+    return tuple(items)
 
 
 def check_tolerances(task: str, modes: tuple[str, ...], overrides: tuple[tuple[str, float], ...]) -> None:
@@ -237,15 +251,11 @@ def _run_swappable(spec: ExportSpec, modes: tuple[str, ...], stages: _Stages, ou
                              "folder (run) apply to merged bundles only")
     pairs = [(n, Path(p)) for n, p in spec.adapters] or [(Path(spec.adapter).resolve().name, Path(spec.adapter))]
     seen: set[str] = set()
-    for name, path in pairs:
+    for name, _ in pairs:
         check_adapter_name(name)
         if name in seen:
             raise UserInputError(f"two adapters are named {name}; name them with --adapter NAME=PATH")
         seen.add(name)
-        folder = path.resolve()
-        if out.resolve() == folder or folder in out.resolve().parents:
-            raise UserInputError(f"-o {out}: must not be an adapter folder ({name}) or inside it; choose another "
-                                 "folder")
     adapters = [(name, stages.run(f"inspect_{name}", f"inspecting adapter {name}", inspect_adapter, Path(path),
                                   spec.allow_pickle)) for name, path in pairs]
     base = resolve_base(spec.base, adapters[0][1], spec.revision)
@@ -749,6 +759,10 @@ def _finish(staging: Path, spec, modes, manifest: dict[str, Any], results: dict,
     write_report(staging, report)
     manifest["files"] = file_hashes(staging)
     write_manifest(staging, manifest)
+    if spec.sign is not None:
+        from .signing import sign_bundle
+
+        report["signed_by"] = sign_bundle(staging, spec.sign)
     return report
 
 
@@ -760,7 +774,10 @@ def run_recipe(recipe, out: Path, *, overwrite: bool = False, quiet: bool = Fals
 
     require_full("run")
     out = Path(out)
-    check_out(out, overwrite)
+    inputs = [Path(p) for p in (recipe.data.train, recipe.data.eval) if p]
+    if not recipe.base.startswith("embedded:") and Path(recipe.base).exists():
+        inputs.append(Path(recipe.base))
+    check_out(out, overwrite, tuple(inputs))
     # Before minutes of fine-tuning: a misspelt threshold fails now.
     check_tolerances(recipe.task, normalize_modes(tuple(recipe.export.quantize)), tuple(recipe.tolerances.gates.items()))
     adapter_dir = out.parent / f".{out.name}.adapter"

@@ -336,6 +336,11 @@ REPORT_SCHEMA: dict[str, Any] = {
                   "description": "export only: bytes per variant (graph + external data)"},
         "task_metrics": _TASK_METRICS,
         "plot": {"type": "string", "description": "the error-distribution plot in the bundle (needs matplotlib)"},
+        "signature": {"type": "object", "required": ["signed", "checked"],
+                      "description": "verify: manifest.json.sig present; checked (and its key id) with --trusted-key",
+                      "properties": {"signed": {"type": "boolean"}, "checked": {"type": "boolean"},
+                                     "key_id": {"type": "string"}}},
+        "signed_by": {"type": "string", "description": "export/add-adapter --sign: the signing key's id"},
         "user_probes": {"type": "object", "required": ["count", "reference", "variants", "file"],
                         "description": "verify --probe-texts: each quantized variant vs the fp32 graph on the "
                                        "user's texts (no PyTorch on the device)",

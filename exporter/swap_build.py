@@ -424,9 +424,15 @@ def build_swappable(spec, modes, stages, adapters: list[tuple[str, Any]], base, 
 
 
 def add_adapter(bundle: Path, adapter_path: Path, name: str | None = None, *, base: str | None = None,
-                allow_pickle: bool = False, trust_remote_code: bool = False, progress=None) -> dict[str, Any]:
-    """Convert one more peft adapter for a swappable bundle; OUT is replaced only when everything passes."""
+                allow_pickle: bool = False, trust_remote_code: bool = False, progress=None,
+                sign: Path | None = None) -> dict[str, Any]:
+    """Convert one more peft adapter for a swappable bundle; OUT is replaced only when everything passes.
+    The manifest changes, so a signed bundle must be re-signed (``sign``) or it is published unsigned."""
     require_full("add-adapter")
+    if sign is not None:
+        from .signing import load_private_key
+
+        load_private_key(sign)
     from .pipeline import _disk_error, quiet_libraries
 
     root = Path(bundle)
@@ -436,13 +442,13 @@ def add_adapter(bundle: Path, adapter_path: Path, name: str | None = None, *, ba
     # The lock first: a concurrent add-adapter must see this one's manifest, not the one before it.
     with output_lock(root), quiet_libraries():
         try:
-            return _add_locked(root, Path(adapter_path), name, base, allow_pickle, trust_remote_code, progress)
+            return _add_locked(root, Path(adapter_path), name, base, allow_pickle, trust_remote_code, progress, sign)
         except OSError as e:
             raise _disk_error(e, root) from None
 
 
 def _add_locked(root: Path, adapter_path: Path, name: str, base: str | None, allow_pickle: bool,
-                trust_remote_code: bool, progress) -> dict[str, Any]:
+                trust_remote_code: bool, progress, sign: Path | None = None) -> dict[str, Any]:
     from .decoder import conv1d_to_linear
     from .generation import DecoderIO
     from .loading import check_architecture, inspect_adapter, public_base_name, resolve_base_name, sha256_file
@@ -544,9 +550,18 @@ def _add_locked(root: Path, adapter_path: Path, name: str, base: str | None, all
                        "adapters": adapters_summary(manifest), "adapter_effect": manifest["adapter_effect"],
                        "warnings": list(report.get("warnings", [])) + warnings})
         report.setdefault("timings", {}).update({f"add_{k}": v for k, v in stages.timings.items()})
+        from .signing import SIGNATURE, sign_bundle
+
+        was_signed = (staging / SIGNATURE).is_file()
+        (staging / SIGNATURE).unlink(missing_ok=True)  # it signs the old manifest
+        if was_signed and sign is None:
+            report["warnings"].append("the bundle was signed; its signature no longer matches the new manifest and "
+                                      "was removed: add --sign KEY to re-sign it")
         write_report(staging, report)
         manifest["files"] = file_hashes(staging)
         write_manifest(staging, manifest)
+        if sign is not None:
+            report["signed_by"] = sign_bundle(staging, sign)
         if not passed:
             rejected = reject(staging, root)
             fails = [f"{v}: {r['failures'][0]}" for v, r in results.items() if r["failures"]][:3]
@@ -591,6 +606,10 @@ def _clone_bundle(root: Path, staging: Path) -> None:
     for src in sorted(root.rglob("*")):
         rel = src.relative_to(root)
         dst = staging / rel
+        if src.is_symlink() or not (src.is_dir() or src.is_file()):
+            # It would copy (and then hash and list) whatever it points at, inside or outside the bundle.
+            raise BundleError(f"{root}: {rel.as_posix()} is a symlink or not a regular file; a bundle holds only "
+                              "regular files, remove it")
         if src.is_dir():
             dst.mkdir(parents=True, exist_ok=True)
             continue

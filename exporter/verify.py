@@ -19,6 +19,7 @@ from .errors import BundleError, ExporterError
 from .parity import compare_variant
 from .probes import encode, load_arrays
 from .runtime import bundle_tokenizer, make_session, output_infos, text_input_names
+from .signing import SIGNATURE, check_signature
 from .swappable import adapters_summary
 from .tolerances import threshold_problem
 
@@ -255,11 +256,14 @@ def check_tokenizer(root: Path, manifest: dict[str, Any]) -> list[str]:
 
 def verify_bundle(
     root: Path | str, variants: list[str] | None = None, providers: list[str] | None = None,
-    threads: int | None = None, probe_texts: Path | None = None,
+    threads: int | None = None, probe_texts: Path | None = None, trusted_key: Path | None = None,
 ) -> dict[str, Any]:
     """The Report for a published bundle: integrity, tokenizer, and every (or the chosen) variant's parity;
     with ``probe_texts``, also every quantized variant against fp32 on those texts (check_on_texts)."""
     root = Path(root)
+    signature: dict[str, Any] = {"signed": (root / SIGNATURE).is_file(), "checked": False}
+    if trusted_key is not None:  # before anything in the bundle is parsed
+        signature = {"signed": True, "checked": True, "key_id": check_signature(root, trusted_key)}
     manifest = read_manifest(root)
     user_texts = None
     if probe_texts is not None:
@@ -342,5 +346,6 @@ def verify_bundle(
         "exported_on": (manifest.get("verified_on") or {}).get("cpu"),
         **({"adapters": adapters_summary(manifest)} if manifest.get("adapters") else {}),
         **({"user_probes": user} if user is not None else {}),
+        "signature": signature,
     }
 

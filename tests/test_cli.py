@@ -77,9 +77,15 @@ def test_existing_out_refused_then_overwritten(runner, factory, tmp_path):
     assert r.exit_code == 1
     assert "already exists" in r.stderr and "--overwrite" in r.stderr
     assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces only a bundle (or an empty folder): a folder of the user's files is refused (issue 12).
     r = runner.invoke(cli, ["export", "--adapter", str(adapter), "-o", str(out), "-q", "--overwrite"])
-    assert r.exit_code == 0, r.output
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
+    assert r.exit_code == 1 and "is not an export-adapter bundle" in r.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    for _ in range(2):  # into the empty folder, then over the bundle it wrote
+        r = runner.invoke(cli, ["export", "--adapter", str(adapter), "-o", str(out), "-q", "--overwrite"])
+        assert r.exit_code == 0, r.output
+        assert (out / "manifest.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no staging or lock left behind
 
 

@@ -1,0 +1,210 @@
+"""Issue 12: a bundle or adapter from a stranger, or a careless -o, can do no harm and ends in one line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+
+import pytest
+from click.testing import CliRunner
+from helpers import run_export
+
+from exporter.bundle import MANIFEST, MANIFEST_SHA, file_hashes, read_manifest, write_manifest
+from exporter.cli import cli
+from exporter.errors import BundleError
+
+
+def _write_raw_manifest(root, manifest_text: str) -> None:
+    """A tampered manifest whose checksum file matches (anyone who can edit one can edit the other)."""
+    (root / MANIFEST).write_text(manifest_text)
+    (root / MANIFEST_SHA).write_text(hashlib.sha256((root / MANIFEST).read_bytes()).hexdigest() + f"  {MANIFEST}\n")
+
+
+@pytest.fixture()
+def bundle(factory, tmp_path):
+    out, _ = factory.bundle("bert", "text-classification")
+    b = tmp_path / "b"
+    shutil.copytree(out, b)
+    return b
+
+
+def test_overwrite_never_deletes_a_folder_holding_the_adapter(factory, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(factory.adapter("bert", "text-classification"), work / "adapter")
+    (work / "notes.txt").write_text("mine")
+    r = run_export(work / "adapter", work, "--overwrite")
+    assert r.exit_code == 1 and "holds an input of this export" in r.stderr
+    assert (work / "adapter" / "adapter_model.safetensors").is_file() and (work / "notes.txt").is_file()
+
+
+def test_output_is_never_the_current_folder(factory, tmp_path, monkeypatch):
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "mine.txt").write_text("x")
+    monkeypatch.chdir(here)
+    r = run_export(factory.adapter("bert", "text-classification"), ".", "--overwrite")
+    assert r.exit_code == 1 and "holds your work" in r.stderr and "Traceback" not in r.output
+    assert (here / "mine.txt").is_file() and sorted(p.name for p in here.iterdir()) == ["mine.txt"]
+
+
+def test_a_users_folder_named_like_the_rejected_one_is_kept(factory, tmp_path):
+    out = tmp_path / "bundle"
+    mine = tmp_path / "bundle.rejected"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("mine")
+    strict = [x for name in ("atol", "atol_rms", "rtol") for x in ("--tolerance", f"fp32.{name}=0")]
+    r = run_export(factory.adapter("bert", "text-classification"), out, *strict)
+    assert r.exit_code == 3
+    assert (mine / "thesis.tex").read_text() == "mine"
+    diagnostics = [p for p in tmp_path.iterdir() if p.name.startswith("bundle.rejected-")]
+    assert len(diagnostics) == 1 and (diagnostics[0] / "parity.json").exists()
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "../outside.txt", "reference/../../x", "./model.onnx", "a\\b"])
+def test_manifest_paths_must_stay_inside_the_bundle(bundle, tmp_path, path):
+    (tmp_path / "outside.txt").write_text("private")
+    m = read_manifest(bundle)
+    m["files"][path] = "0" * 64
+    write_manifest(bundle, m)
+    r = CliRunner().invoke(cli, ["verify", str(bundle)])
+    assert r.exit_code == 3 and "Traceback" not in r.output
+    assert "not a relative path inside the bundle" in r.output or "not a file path" in r.output
+    # Whether the outside file exists is not told: the same words either way.
+    assert "missing" not in r.output.split(path)[-1][:40]
+
+
+def test_symlinks_in_a_bundle_are_refused_and_never_hashed(bundle, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private key")
+    os.symlink(secret, bundle / "notes.txt")  # unlisted: add-adapter used to hash it into the manifest
+    with pytest.raises(BundleError, match="notes.txt is a symlink"):
+        file_hashes(bundle)
+    r = CliRunner().invoke(cli, ["verify", str(bundle)])
+    assert r.exit_code == 3 and "notes.txt: is a symlink" in r.output
+    # A listed file replaced by a symlink to a copy of itself still fails: it is not the bundle's file.
+    b2 = tmp_path / "b2"
+    shutil.copytree(bundle, b2, symlinks=True)
+    (b2 / "notes.txt").unlink()
+    shutil.copyfile(b2 / "config.json", tmp_path / "config.json")
+    (b2 / "config.json").unlink()
+    os.symlink(tmp_path / "config.json", b2 / "config.json")
+    r = CliRunner().invoke(cli, ["verify", str(b2)])
+    assert r.exit_code == 3 and "config.json: is a symlink" in r.output
+
+
+def test_a_file_the_manifest_uses_must_be_hashed(bundle):
+    m = read_manifest(bundle)
+    del m["files"]["model.int8.onnx"]
+    write_manifest(bundle, m)
+    r = CliRunner().invoke(cli, ["verify", str(bundle)])
+    assert r.exit_code == 3 and "model.int8.onnx: used by the manifest but not among its hashed files" in r.output
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda m: m.pop("variants"), "missing 'variants'"),
+    (lambda m: m.update(variants=[1, 2]), "variants: expected object"),
+    (lambda m: m["variants"]["int8"].update(file=7), "variants.int8.file: expected string"),
+    (lambda m: m.update(tokenizer="tok.json"), "tokenizer: expected object or null"),
+    (lambda m: m["variants"]["int8"]["thresholds"].update(max_prob_diff="0.3"), "expected number"),
+    (lambda m: m["variants"].update(int3=m["variants"]["int8"]), "int3"),
+])
+def test_a_manifest_that_breaks_its_schema_is_one_line_exit_3(bundle, mutate, needle):
+    m = read_manifest(bundle)
+    mutate(m)
+    _write_raw_manifest(bundle, json.dumps(m))
+    for command in (["verify", str(bundle)], ["infer", str(bundle), "hello"], ["inspect", str(bundle)]):
+        r = CliRunner().invoke(cli, command)
+        assert r.exit_code == 3, (command, r.output)
+        assert needle in r.stderr and "Traceback" not in r.output and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_100000_deep_manifest_is_damage_not_a_recursion_error(bundle):
+    _write_raw_manifest(bundle, "[" * 100_000 + "]" * 100_000)
+    r = CliRunner().invoke(cli, ["verify", str(bundle)])
+    assert r.exit_code == 3 and "not valid JSON" in r.stderr and "Traceback" not in r.output
+
+
+def test_non_utf8_checksum_file_is_exit_3(bundle):
+    (bundle / MANIFEST_SHA).write_bytes(b"\xff\xfe\x00 not a digest\n")
+    r = CliRunner().invoke(cli, ["verify", str(bundle)])
+    assert r.exit_code == 3 and "does not match manifest.json.sha256" in r.output
+
+
+def test_fuzzed_manifests_never_end_in_a_traceback(bundle):
+    """Random mutations of a real bundle's manifest (values replaced by other types, keys dropped, numbers
+    scaled, strings turned into paths): verify and inspect end with exit 0, 1 or 3 and one line or a report."""
+    original = read_manifest(bundle)
+    rng = random.Random(0)
+    weird = [None, -1, 1e308, "", "../../etc/passwd", [], {}, True, "x" * 300, 2**63]
+
+    def leaves(node, path=()):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from leaves(v, (*path, k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                yield from leaves(v, (*path, i))
+        yield path
+
+    paths = [p for p in leaves(original) if p]
+    for _ in range(40):
+        m = json.loads(json.dumps(original))
+        for path in rng.sample(paths, 2):
+            parent = m
+            try:
+                for k in path[:-1]:
+                    parent = parent[k]
+                if rng.random() < 0.3 and isinstance(parent, dict):
+                    parent.pop(path[-1], None)
+                else:
+                    parent[path[-1]] = rng.choice(weird)
+            except (KeyError, IndexError, TypeError):
+                continue
+        _write_raw_manifest(bundle, json.dumps(m))
+        for command in (["verify", str(bundle)], ["inspect", str(bundle)]):
+            r = CliRunner().invoke(cli, command)
+            assert r.exit_code in (0, 1, 3), (command, m, r.output)
+            assert r.exception is None or isinstance(r.exception, SystemExit), (command, r.exception)
+
+
+def test_signed_bundle_verifies_only_with_its_key_and_any_edit_breaks_it(factory, tmp_path):
+    pytest.importorskip("cryptography")
+    runner = CliRunner()
+    r = runner.invoke(cli, ["keygen", str(tmp_path / "key.pem")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "key.pem").stat().st_mode & 0o777 == 0o600 and (tmp_path / "key.pub.pem").is_file()
+    assert runner.invoke(cli, ["keygen", str(tmp_path / "key.pem")]).exit_code == 1  # never overwritten
+    runner.invoke(cli, ["keygen", str(tmp_path / "other.pem")])
+    out = tmp_path / "signed"
+    r = run_export(factory.adapter("bert", "text-classification"), out, "--sign", str(tmp_path / "key.pem"))
+    assert r.exit_code == 0, r.output
+    assert (out / "manifest.json.sig").is_file()
+    assert read_manifest(out)["spec"]["sign"] is True  # recorded as a choice, never the key's path
+    r = runner.invoke(cli, ["verify", str(out), "--trusted-key", str(tmp_path / "key.pub.pem"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["signature"]["checked"] is True
+    r = runner.invoke(cli, ["verify", str(out), "--trusted-key", str(tmp_path / "other.pub.pem")])
+    assert r.exit_code == 3 and "someone else signed it" in r.stderr
+    # Loosen a gate and re-write the checksum: integrity alone cannot tell, the signature can.
+    m = read_manifest(out)
+    m["variants"]["int8"]["thresholds"]["max_prob_diff"] = 1.0
+    write_manifest(out, m)
+    assert runner.invoke(cli, ["verify", str(out)]).exit_code == 0
+    r = runner.invoke(cli, ["verify", str(out), "--trusted-key", str(tmp_path / "key.pub.pem")])
+    assert r.exit_code == 3 and "changed after signing" in r.stderr and "Traceback" not in r.output
+
+
+def test_trusted_key_refuses_an_unsigned_bundle_and_bad_keys_are_one_line(bundle, tmp_path):
+    pytest.importorskip("cryptography")
+    runner = CliRunner()
+    runner.invoke(cli, ["keygen", str(tmp_path / "k.pem")])
+    r = runner.invoke(cli, ["verify", str(bundle), "--trusted-key", str(tmp_path / "k.pub.pem")])
+    assert r.exit_code == 3 and "not signed" in r.stderr
+    (tmp_path / "junk.pem").write_text("not a key")
+    r = runner.invoke(cli, ["verify", str(bundle), "--trusted-key", str(tmp_path / "junk.pem")])
+    assert r.exit_code == 1 and "not a PEM public key" in r.stderr
+    r = run_export(bundle, tmp_path / "o", "--sign", str(tmp_path / "junk.pem"))
+    assert r.exit_code == 1 and "not a PEM private key" in r.stderr and not (tmp_path / "o").exists()
