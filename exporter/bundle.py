@@ -6,7 +6,9 @@ Only this module touches the final output folder. Torch-free: the device side re
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import glob
 import json
 import os
 import shutil
@@ -36,8 +38,16 @@ BASE_OUTPUTS_NPZ = f"{REFERENCE_DIR}/base_outputs.npz"
 def output_lock(out: Path) -> Iterator[None]:
     """An exclusive lock beside OUT so two exports cannot race for it; released if the process dies."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = out.parent / f".{out.name}.lock"
-    fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+    # Keyed by the resolved path (two exports through a symlinked folder are one OUT), and never through a
+    # planted symlink (O_NOFOLLOW: the lock would otherwise create or truncate its target).
+    real = out.parent.resolve() / out.name
+    lock_path = real.parent / f".{real.name}.lock"
+    try:
+        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UserInputError(f"{lock_path} is a symlink; remove it (the lock is never followed)") from None
+        raise
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -53,8 +63,12 @@ def output_lock(out: Path) -> Iterator[None]:
 
 
 def make_staging(out: Path) -> Path:
-    """A fresh folder on the same filesystem as OUT, so publishing is a rename."""
+    """A fresh folder on the same filesystem as OUT, so publishing is a rename. Called under OUT's lock, so any
+    older staging folder of OUT is a leftover of a killed export (SIGKILL, power loss): removed first."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.staging-*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
 
 
@@ -95,6 +109,10 @@ def check_out(out: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> None
 
 def publish(staging: Path, out: Path, overwrite: bool) -> None:
     """Swap the finished staging folder into place; an existing OUT is removed only after the swap."""
+    # mkdtemp made staging 0700; a published bundle is a normal folder (others may read it, as the umask says).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
     if out.exists():
         check_out(out, overwrite)
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))

@@ -8,30 +8,24 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from . import __version__
+from . import __version__, interrupts
 from .errors import FULL_MODULES, RECIPE_MODULES, ExporterError, ParityError, UserInputError, require_full
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARITY, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 3, 130, 143
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised like KeyboardInterrupt so staging folders are cleaned up on the way out."""
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise Terminated()
-
 
 class Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        # Ctrl-C, SIGTERM and a closed terminal (SIGHUP) end the run the same way: staging removed, nothing
+        # half-published, even when the signal lands inside a __del__ (exporter/interrupts.py).
+        interrupts.install()
         try:
             return super().invoke(ctx)
         except ParityError as e:
@@ -43,7 +37,7 @@ class Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted: nothing was published", err=True)
             ctx.exit(EXIT_SIGINT)
-        except Terminated:
+        except interrupts.Terminated:
             click.echo("terminated: nothing was published", err=True)
             ctx.exit(EXIT_SIGTERM)
 
@@ -437,6 +431,12 @@ def run(recipe_file: Path, out: Path, epochs, max_steps, learning_rate, batch_si
                                     work_dir=work_dir, resume=resume), out, as_json)
 
 
+def _one_line(value: str) -> str:
+    """A value from a bundle or an input, printed on one line: control characters shown escaped (a label with
+    \\r or \\n could otherwise forge output lines)."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(value))
+
+
 def _read_inputs(texts: tuple[str, ...], input_file: Path | None) -> list[str]:
     if texts and input_file:
         raise click.UsageError("give TEXT arguments or --input, not both")
@@ -487,15 +487,16 @@ def infer(bundle: Path, texts: tuple[str, ...], input_file: Path | None, variant
         _emit_json({"variant": model.variant, "adapter": model.adapter, "task": model.task, "results": results})
         return
     for r in results:
+        text = _one_line(r["text"])
         if "label" in r:
-            click.echo(f"{r['label']}\t{r['score']:.4f}\t{r['text']}")
+            click.echo(f"{_one_line(r['label'])}\t{r['score']:.4f}\t{text}")
         elif "tokens" in r:
-            tags = " ".join(f"{t['token']}/{t['label']}" for t in r["tokens"])
-            click.echo(f"{r['text']}\n  {tags}")
+            tags = " ".join(f"{_one_line(t['token'])}/{_one_line(t['label'])}" for t in r["tokens"])
+            click.echo(f"{text}\n  {tags}")
         else:
             e = r["embedding"]
             head = ", ".join(f"{x:.4f}" for x in e[:4])
-            click.echo(f"[{head}, ...] (dim {len(e)})\t{r['text']}")
+            click.echo(f"[{head}, ...] (dim {len(e)})\t{text}")
 
 
 @cli.command()

@@ -18,6 +18,12 @@ class UserInputError(ExporterError):
     """A path, flag or file the user gave is missing or malformed."""
 
 
+class UsageError(UserInputError):
+    """A command-line value that cannot work here (a provider this machine lacks, more threads than cores)."""
+
+    exit_code = 2
+
+
 class UnsafeFormatError(ExporterError):
     """A file would need unpickling (arbitrary code execution) and the user has not opted in."""
 

@@ -293,6 +293,14 @@ def inspect_adapter(path: Path, allow_pickle: bool = False) -> AdapterRef:
 
     tensors = load_adapter_tensors(path, allow_pickle, peft_type)
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    if peft_type == "LORA":
+        # The config's r must be the weights' rank (else peft first builds r-sized layers: r=4096 on a small
+        # model is a 1.2 GB detour before the shape error); rank_pattern may give modules other ranks.
+        allowed = {cfg["r"], *[v for v in (cfg.get("rank_pattern") or {}).values() if isinstance(v, int)]}
+        for key, shape in shapes.items():
+            if ".lora_A." in key and len(shape) == 2 and shape[0] not in allowed:
+                raise MismatchError(f"{path / ADAPTER_CONFIG}: r = {cfg['r']} but {key} has rank {shape[0]}; the "
+                                    "config does not belong to these weights (re-save the adapter with peft)")
     weights_file = path / (ADAPTER_SAFETENSORS if (path / ADAPTER_SAFETENSORS).exists() else ADAPTER_PICKLE)
 
     sidecar = path / ADAPTER_SIDECAR

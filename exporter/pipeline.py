@@ -146,9 +146,13 @@ class _Stages:
         self.timings: dict[str, float] = {}
 
     def run(self, name: str, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        from .interrupts import check
+
+        check()
         self.progress(f"{what} ...")
         t0 = time.perf_counter()
         result = fn(*args, **kwargs)
+        check()
         self.timings[name] = round(time.perf_counter() - t0, 3)
         self.progress(f"{what}: done in {self.timings[name]:.1f}s")
         return result

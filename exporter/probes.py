@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BundleError
+from .errors import BundleError, TamperedBundleError
 
 # Short, medium and long texts; the long one is truncated at max_length. Batches mix lengths so padding
 # is exercised, and batch 1 runs each of a few texts alone (no padding at all).
@@ -185,15 +185,23 @@ def load_tokenizer(path: Path, max_length: int, pad_id: int, pad_token: str, pad
 
     try:
         tok = Tokenizer.from_file(str(path))
-    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
+        tok.enable_truncation(max_length=max_length, direction="left" if padding_side == "left" else "right")
+        tok.enable_padding(pad_id=pad_id, pad_token=pad_token, direction=padding_side)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - tokenizers raises bare Exceptions, and a Rust panic (a
+        # BaseException) on a bad regex or absurd settings
         raise BundleError(f"{path}: cannot load tokenizer ({str(e)[:100]}); re-export the bundle") from None
-    tok.enable_truncation(max_length=max_length, direction="left" if padding_side == "left" else "right")
-    tok.enable_padding(pad_id=pad_id, pad_token=pad_token, direction=padding_side)
     return tok
 
 
 def encode(tok, texts: list[str] | tuple[str, ...], input_names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    encs = tok.encode_batch(list(texts))
+    try:
+        encs = tok.encode_batch(list(texts))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - a Rust panic in a tokenizer file's regex is a BaseException
+        raise BundleError(f"the tokenizer failed on this input ({str(e)[:100]}); its tokenizer.json is broken") from None
     feeds = {
         "input_ids": np.array([e.ids for e in encs], dtype=np.int64),
         "attention_mask": np.array([e.attention_mask for e in encs], dtype=np.int64),
@@ -219,15 +227,37 @@ def save_arrays(path: Path, batches: list[dict[str, np.ndarray]]) -> None:
         np.savez(f, **arrays)
 
 
+def _check_npz(path: Path) -> None:
+    """Every member's header must claim no more bytes than the member holds: a header claiming 2^40 elements
+    would otherwise make numpy allocate them (MemoryError) before noticing the data is short."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            with z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                reader = {(1, 0): np.lib.format.read_array_header_1_0,
+                          (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if reader is None:
+                    raise ValueError(f"{info.filename}: .npy format {version} is not one numpy.savez writes here")
+                shape, _, dtype = reader(f)
+            if dtype.hasobject:
+                raise ValueError(f"{info.filename}: object arrays are not reference data")
+            if int(np.prod(shape, dtype=np.float64)) * dtype.itemsize > info.file_size:
+                raise ValueError(f"{info.filename}: its header claims {shape} but the file is {info.file_size} bytes")
+
+
 def load_arrays(path: Path, n_batches: int) -> list[dict[str, np.ndarray]]:
     try:
+        _check_npz(path)
         with np.load(path, allow_pickle=False) as z:
             out: list[dict[str, np.ndarray]] = [{} for _ in range(n_batches)]
             for key in z.files:
                 i, name = key.split(".", 1)
                 out[int(i)][name] = z[key]
-    except (OSError, ValueError, KeyError, IndexError) as e:
-        raise BundleError(f"{path}: cannot read reference arrays ({e}); re-export the bundle") from None
+    except (OSError, ValueError, KeyError, IndexError, EOFError, MemoryError) as e:
+        raise TamperedBundleError(f"{path}: cannot read reference arrays ({str(e)[:120]}); the bundle is damaged, "
+                                  "re-export it") from None
     return out
 
 

@@ -6,33 +6,53 @@ runs these commands in a process where importing torch fails.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .bundle import read_manifest
-from .errors import BundleError, UserInputError
+from .bundle import member_problem, read_manifest
+from .errors import BundleError, TamperedBundleError, UsageError, UserInputError
 from .parity import OutputInfo
 from .probes import encode, load_tokenizer
+
+
+def check_threads(threads: int | None) -> None:
+    cores = os.cpu_count() or 1
+    if threads is not None and not 1 <= threads <= cores:
+        raise UsageError(f"--threads {threads}: this machine has {cores} cores; use 1 to {cores}")
+
+
+def check_providers(providers: list[str] | None) -> None:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    unknown = [p for p in providers or [] if p not in available]
+    if unknown:
+        raise UsageError(f"execution provider {unknown[0]} is not available here; available: {', '.join(available)}")
+
+
+def run_session(session, names: list[str], feeds: dict[str, np.ndarray], options=None) -> list[np.ndarray]:
+    """session.run, with onnxruntime's errors (wrong input names, shapes, a graph that fails) as one line."""
+    try:
+        return session.run(names, feeds, options)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own InvalidArgument/Fail types
+        raise BundleError(f"onnxruntime cannot run the graph ({str(e).splitlines()[0][:160]})") from None
 
 
 def make_session(path: Path, providers: list[str] | None = None, threads: int | None = None):
     import onnxruntime as ort
 
+    check_threads(threads)
+    check_providers(providers)
     opts = ort.SessionOptions()
     # Errors only: a graph with swappable adapters warns once per adapter input that its default initializer
     # "appears in graph inputs" (intended: that is what lets an adapter override it).
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
-    available = ort.get_available_providers()
     chosen = providers or ["CPUExecutionProvider"]
-    unknown = [p for p in chosen if p not in available]
-    if unknown:
-        raise UserInputError(
-            f"execution provider {unknown[0]} is not available here; available: {', '.join(available)}"
-        )
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph types
@@ -94,8 +114,22 @@ class BundleModel:
                                  f"({names})")
         self.input_names = tuple(i["name"] for i in self.manifest["inputs"])
         self.output_names = tuple(o["name"] for o in self.manifest["outputs"])
+        entry = variants[self.variant]
+        tok_file = (self.manifest.get("tokenizer") or {}).get("file")
+        for rel in [entry["file"], *entry.get("data_files", []), *([tok_file] if tok_file else [])]:
+            # A FIFO would block the open for ever, a symlink could point anywhere: refuse before opening.
+            problem = member_problem(self.root, rel)
+            if problem:
+                raise TamperedBundleError(f"{self.root}: {problem}; the bundle is damaged, run verify")
         self.tokenizer = bundle_tokenizer(self.root, self.manifest) if self.manifest.get("tokenizer") else None
-        self.session = make_session(self.root / variants[self.variant]["file"], providers, threads)
+        self.session = make_session(self.root / entry["file"], providers, threads)
+        graph_inputs = {i.name for i in self.session.get_inputs()}
+        graph_outputs = {o.name for o in self.session.get_outputs()}
+        missing = [n for n in self.input_names if n not in graph_inputs] + \
+            [n for n in self.output_names if n not in graph_outputs]
+        if missing:
+            raise TamperedBundleError(f"{self.root}: the manifest names {missing[0]!r}, which {entry['file']} does "
+                                      "not have; the bundle is damaged or tampered with, re-export it")
 
     def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
         if self.tokenizer is None:
@@ -105,7 +139,12 @@ class BundleModel:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         options = self._active.run_options if self._active else None
-        return dict(zip(self.output_names, self.session.run(list(self.output_names), feeds, options)))
+        out = dict(zip(self.output_names, run_session(self.session, list(self.output_names), feeds, options)))
+        width = out["logits"].shape[-1] if "logits" in out and self.labels is not None else None
+        if width is not None and width != len(self.labels):
+            raise TamperedBundleError(f"{self.root}: {len(self.labels)} labels for {width} logits; the bundle is "
+                                      "damaged or tampered with, re-export it")
+        return out
 
     def infer(self, texts: list[str]) -> list[dict[str, Any]]:
         if not texts:

@@ -69,6 +69,9 @@ _OUTPUT_METRICS = {
     },
 }
 
+# A label is printed by infer: no control characters (a "\n" in a label would forge output lines).
+_LABEL = {"type": "string", "pattern": "^[^\\x00-\\x1f\\x7f]*$"}
+
 _ADAPTER = {
     "type": "object",
     "required": ["name", "peft_type", "rank", "alpha", "target_modules", "sha256"],
@@ -244,7 +247,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                            "description": f"{SCHEMA_VERSION} for bundles this version writes; older ones still verify"},
         "created_by": {"type": "string"},
         "task": {"enum": TASK_NAMES},
-        "labels": {"type": ["array", "null"], "items": {"type": "string"}},
+        "labels": {"type": ["array", "null"], "items": _LABEL},
         "base": _BASE,
         "adapter": {"oneOf": [_ADAPTER, {"type": "null"}], "description": "null with --keep-adapters (see adapters)"},
         "adapters": _ADAPTERS_SECTION,
@@ -270,7 +273,11 @@ MANIFEST_SCHEMA: dict[str, Any] = {
         "generation": {"type": "object", "required": ["eos_token_ids", "context_length"],
                        "description": "what generate needs: EOS ids, context length, the chat template"},
         "tokenizer": {"type": ["object", "null"], "required": ["file", "max_length", "pad_id", "pad_token"],
-                      "properties": {"pad_source": {"enum": ["tokenizer", "eos"],
+                      "properties": {"file": {"type": "string"},
+                                     "max_length": {"type": "integer", "minimum": 1, "maximum": 1 << 20},
+                                     "pad_id": {"type": ["integer", "null"], "minimum": 0, "maximum": 1 << 31},
+                                     "pad_token": {"type": ["string", "null"]},
+                                     "pad_source": {"enum": ["tokenizer", "eos"],
                                                     "description": "eos: the tokenizer had no pad token, so batches "
                                                                    "are padded with EOS (masked out)"},
                                      "padding_side": {"enum": ["left", "right"]}},

@@ -31,6 +31,12 @@ def schema_errors(instance: Any, schema: dict[str, Any], where: str = "") -> lis
     return errors[:MAX_ERRORS]
 
 
+def _ecma(pattern: str) -> str:
+    """JSON Schema patterns are ECMA regexes, where a final $ matches only at the very end (Python's $ also
+    matches before a final newline, which would let "label\\n" through)."""
+    return pattern[:-1] + r"\Z" if pattern.endswith("$") and not pattern.endswith(r"\$") else pattern
+
+
 def _name(where: str) -> str:
     return where or "the document"
 
@@ -60,7 +66,7 @@ def _check(x: Any, s: dict[str, Any], where: str, errors: list[str]) -> None:
             errors.append(f"{_name(where)}: {x} < {s['minimum']}")
         if "maximum" in s and x > s["maximum"]:
             errors.append(f"{_name(where)}: {x} > {s['maximum']}")
-    if isinstance(x, str) and "pattern" in s and not re.search(s["pattern"], x):
+    if isinstance(x, str) and "pattern" in s and not re.search(_ecma(s["pattern"]), x):
         errors.append(f"{_name(where)}: {x[:40]!r} is not of the expected form")
     if isinstance(x, dict):
         for key in s.get("required", []):

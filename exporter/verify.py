@@ -15,20 +15,50 @@ import numpy as np
 from . import __version__
 from .bundle import INPUTS_NPZ, MANIFEST, OUTPUTS_NPZ, PROBES_JSON, check_integrity, read_manifest
 from .cpu import cpu_features
-from .errors import BundleError, ExporterError
+from .errors import BundleError, ExporterError, TamperedBundleError
 from .parity import compare_variant
 from .probes import encode, load_arrays
-from .runtime import bundle_tokenizer, make_session, output_infos, text_input_names
+from .runtime import (
+    bundle_tokenizer,
+    check_providers,
+    check_threads,
+    make_session,
+    output_infos,
+    run_session,
+    text_input_names,
+)
 from .signing import SIGNATURE, check_signature
 from .swappable import adapters_summary
 from .tolerances import threshold_problem
 
 
+def probes_problem(probes: Any) -> str | None:
+    """Why probes.json cannot be the probes of a bundle (it is untrusted), or None."""
+    if not isinstance(probes, dict) or not isinstance(probes.get("batches"), list) or not probes["batches"]:
+        return "no list of batches"
+    texts = probes.get("texts")
+    if texts is not None and not (isinstance(texts, list) and all(isinstance(t, str) for t in texts)):
+        return "texts is not a list of strings"
+    for b in probes["batches"]:
+        if not isinstance(b, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in b):
+            return "a batch is not a list of text indices"
+        if texts is not None and any(not 0 <= i < len(texts) for i in b):
+            return "a batch names a text that does not exist"
+    new = probes.get("max_new_tokens", 0)
+    if not isinstance(new, int) or not 0 <= new <= 4096:
+        return "max_new_tokens out of range"
+    return None
+
+
 def load_reference(root: Path) -> tuple[dict, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
     try:
         probes = json.loads((root / PROBES_JSON).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise BundleError(f"{root / PROBES_JSON}: cannot read probes ({e}); re-export the bundle") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
+        raise TamperedBundleError(f"{root / PROBES_JSON}: cannot read probes ({str(e)[:80]}); re-export the "
+                                  "bundle") from None
+    problem = probes_problem(probes)
+    if problem:
+        raise TamperedBundleError(f"{root / PROBES_JSON}: {problem}; the bundle is damaged or tampered with")
     n = len(probes["batches"])
     return probes, load_arrays(root / INPUTS_NPZ, n), load_arrays(root / OUTPUTS_NPZ, n)
 
@@ -45,7 +75,7 @@ class _EncoderRunner:
         self.masks = [b["attention_mask"] for b in inputs]
 
     def run(self, session, run_options=None) -> list[dict[str, np.ndarray]]:
-        return [dict(zip(self.output_names, session.run(self.output_names, feeds, run_options)))
+        return [dict(zip(self.output_names, run_session(session, self.output_names, feeds, run_options)))
                 for feeds in self.inputs]
 
     def judge(self, outputs, reference, thresholds: dict, base=None) -> dict[str, Any]:
@@ -73,7 +103,8 @@ class _DecoderRunner:
         names = list(self.dio.output_names)
 
         def step(feeds):
-            return dict(zip(names, session.run(names, {n: feeds[n] for n in self.dio.input_names}, run_options)))
+            return dict(zip(names, run_session(session, names, {n: feeds[n] for n in self.dio.input_names},
+                                               run_options)))
 
         return [greedy(step, self.dio, b["input_ids"], b["attention_mask"], self.n_new) for b in self.inputs]
 
@@ -261,6 +292,8 @@ def verify_bundle(
     """The Report for a published bundle: integrity, tokenizer, and every (or the chosen) variant's parity;
     with ``probe_texts``, also every quantized variant against fp32 on those texts (check_on_texts)."""
     root = Path(root)
+    check_threads(threads)  # usage errors (exit 2), not a failed verification
+    check_providers(providers)
     signature: dict[str, Any] = {"signed": (root / SIGNATURE).is_file(), "checked": False}
     if trusted_key is not None:  # before anything in the bundle is parsed
         signature = {"signed": True, "checked": True, "key_id": check_signature(root, trusted_key)}

@@ -208,3 +208,102 @@ def test_trusted_key_refuses_an_unsigned_bundle_and_bad_keys_are_one_line(bundle
     assert r.exit_code == 1 and "not a PEM public key" in r.stderr
     r = run_export(bundle, tmp_path / "o", "--sign", str(tmp_path / "junk.pem"))
     assert r.exit_code == 1 and "not a PEM private key" in r.stderr and not (tmp_path / "o").exists()
+
+
+def _rehash(root) -> None:
+    m = read_manifest(root)
+    m["files"] = file_hashes(root)
+    write_manifest(root, m)
+
+
+def test_a_reference_npz_whose_header_lies_is_damage_not_a_memory_error(bundle):
+    import zipfile
+
+    import numpy as np
+
+    path = bundle / "reference" / "outputs.npz"
+    with zipfile.ZipFile(path, "w") as z, z.open("0.logits.npy", "w") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (2**40,)})
+        f.write(b"\0" * 16)
+    _rehash(bundle)
+    r = CliRunner().invoke(cli, ["verify", str(bundle)])
+    assert r.exit_code == 3 and "header claims" in r.stderr and "Traceback" not in r.output
+
+
+def test_probes_json_not_utf8_is_exit_3(bundle):
+    (bundle / "reference" / "probes.json").write_bytes(b'{"texts": ["\xff\xfe"]}')
+    _rehash(bundle)
+    r = CliRunner().invoke(cli, ["verify", str(bundle)])
+    assert r.exit_code == 3 and "probes.json: cannot read probes" in r.stderr
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda m: m.update(labels=m["labels"][:1]), "1 labels for 3 logits"),
+    (lambda m: m.update(labels=["ok", "forged\nline", "x"]), "labels[1]"),
+    (lambda m: m["outputs"][0].update(name="logitz"), "'logitz'"),
+    (lambda m: m["tokenizer"].update(max_length=1e20), "tokenizer.max_length"),
+    (lambda m: m["tokenizer"].update(pad_id=-1), "tokenizer.pad_id"),
+])
+def test_manifest_fields_that_do_not_fit_the_graph_are_exit_3_for_infer(bundle, mutate, needle):
+    m = read_manifest(bundle)
+    mutate(m)
+    _write_raw_manifest(bundle, json.dumps(m))
+    r = CliRunner().invoke(cli, ["infer", str(bundle), "hello there"])
+    assert r.exit_code == 3, r.output
+    assert needle in r.stderr and "Traceback" not in r.output
+
+
+def test_a_fifo_in_place_of_a_model_does_not_hang_infer(bundle):
+    import signal
+
+    (bundle / "model.int8.onnx").unlink()
+    os.mkfifo(bundle / "model.int8.onnx")
+    signal.alarm(60)  # a hang would otherwise stall the suite
+    try:
+        r = CliRunner().invoke(cli, ["infer", str(bundle), "--variant", "int8", "hello"])
+    finally:
+        signal.alarm(0)
+    assert r.exit_code == 3 and "not a regular file" in r.stderr
+
+
+@pytest.mark.parametrize("args, needle", [(["--threads", "100000"], "cores"),
+                                          (["--providers", "NoSuchExecutionProvider"], "not available here")])
+def test_impossible_threads_or_providers_are_usage_errors(bundle, args, needle):
+    commands = [["verify", str(bundle), *args]]
+    if args[0] == "--threads":  # infer has no --providers
+        commands.append(["infer", str(bundle), *args, "hi"])
+    for command in commands:
+        r = CliRunner().invoke(cli, command)
+        assert r.exit_code == 2 and needle in r.stderr, (command, r.output)
+
+
+def test_published_bundle_is_not_private_and_stale_staging_is_cleaned(factory, tmp_path):
+    out = tmp_path / "bundle"
+    stale = tmp_path / ".bundle.staging-killed"
+    stale.mkdir()
+    (stale / "model.onnx").write_bytes(b"x" * 1000)
+    r = run_export(factory.adapter("bert", "text-classification"), out)
+    assert r.exit_code == 0, r.output
+    assert not stale.exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_a_planted_lock_symlink_is_not_followed(factory, tmp_path):
+    target = tmp_path / "victim.txt"
+    target.write_text("keep")
+    os.symlink(target, tmp_path / ".bundle.lock")
+    r = run_export(factory.adapter("bert", "text-classification"), tmp_path / "bundle")
+    assert r.exit_code == 1 and "is a symlink" in r.stderr
+    assert target.read_text() == "keep"
+
+
+def test_adapter_config_rank_that_is_not_the_weights_rank(factory, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(factory.adapter("bert", "text-classification"), adapter)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["r"] = 4096
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    r = run_export(adapter, tmp_path / "out")
+    assert r.exit_code == 1 and "r = 4096 but" in r.stderr and "has rank 4" in r.stderr
