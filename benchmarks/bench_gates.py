@@ -11,7 +11,8 @@ Good set (every variant should pass; each is also scored by its task metric wher
 - feature-extraction (sentence embeddings) + LoRA r=8 q/v;
 - token classification (PER/ORG/LOC): the adapter recipes/minilm-ner.yaml fine-tunes (LoRA r=16, ~1 min),
   entity F1 on samples/data/ner/eval.jsonl;
-- SmolLM2-135M-Instruct + LoRA r=8 q/v (benchmarks/bench_smollm2.py's adapter), int8 + int4.
+- SmolLM2-135M-Instruct + LoRA r=8 q/v (benchmarks/bench_smollm2.py's adapter) and + LoRA r=16 on every
+  attention and MLP projection, int8 + int4.
 Known-bad set (every one must be refused):
 - adapter dropped: each variant exported from the same adapter with its LoRA B zeroed (the head kept);
 - one weight perturbed: 5% noise on one projection of the fp32 graph (fp32 promises the merged model itself);
@@ -482,6 +483,12 @@ def main() -> None:
             bad_case("SmolLM2: plain quantize_dynamic int8", d_root, ["int8"],
                      lambda b: plain_quantize_dynamic(d_root / "model.onnx", b / "model.int8.onnx"))
             bad_case("SmolLM2: one weight +5% noise", d_root, ["fp32"], lambda b: perturb_weight(b / "model.onnx"))
+            # A second adapter: every attention and MLP projection, r=16, a larger effect.
+            _, wide = make_inputs(work / "smol-wide", degrid=False, r=16, b_scale=0.03, seed=1,
+                                  targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+            w_root, _ = good_case("SmolLM2 + LoRA r=16, all projections", wide, "text-generation", ("int8", "int4"),
+                                  base=base)
+            dropped("SmolLM2 r=16: adapter dropped", wide, w_root, "text-generation", ("int8", "int4"), base=SMOL)
 
     print(f"\nbuilt and judged in {time.perf_counter() - t0:.0f} s")
     wrong = print_table(rows, torch_metrics)

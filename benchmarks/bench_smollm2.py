@@ -38,8 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOL = "embedded:SmolLM2-135M-Instruct"
 
 
-def make_inputs(root: Path, degrid: bool) -> tuple[str, Path]:
-    """The base (embedded name, or a de-gridded local copy) and the LoRA adapter folder."""
+def make_inputs(root: Path, degrid: bool, targets: tuple[str, ...] = ("q_proj", "v_proj"), r: int = 8,
+                b_scale: float = 0.05, seed: int = 0) -> tuple[str, Path]:
+    """The base (embedded name, or a de-gridded local copy) and the LoRA adapter folder (init_lora_weights=False,
+    B scaled by b_scale)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -59,13 +61,13 @@ def make_inputs(root: Path, degrid: bool) -> tuple[str, Path]:
         model.save_pretrained(base)
         AutoTokenizer.from_pretrained(loc).save_pretrained(base)
         base_name = str(base)
-    torch.manual_seed(0)
-    pm = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, init_lora_weights=False,
-                                          target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(seed)
+    pm = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=2 * r, init_lora_weights=False,
+                                          target_modules=list(targets)))
     with torch.no_grad():
         for name, p in pm.named_parameters():
             if "lora_B" in name:
-                p.mul_(0.05)
+                p.mul_(b_scale)
     pm.peft_config["default"].base_model_name_or_path = base_name
     adapter = root / "adapter"
     pm.save_pretrained(adapter)
