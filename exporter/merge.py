@@ -222,7 +222,13 @@ def apply_adapter(model, adapter: AdapterRef, base: BaseRef, missing_in_base: li
         for name, key in full_tensor_names(tensors).items():
             params[name].copy_(tensors[key])
     config, warnings = _lora_config(adapter)
-    peft_model = get_peft_model(model, config)
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as e:  # peft's NoMatchingPeftModuleError and "Target modules ... not found" are ValueErrors
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise MismatchError(f"{adapter.path / 'adapter_config.json'}: target_modules {config.target_modules!r} match "
+                            f"no module of {base.name} ({str(e).splitlines()[0][:80]}); its linear layers are named "
+                            f"{', '.join(names[:12])}") from None
     lora = {k: v for k, v in tensors.items() if is_adapter_key(k)}
     # Modules peft wraps itself (modules_to_save, a task's head) expect their weights in the state dict
     # again; the others were loaded into the base above.

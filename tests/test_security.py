@@ -307,3 +307,15 @@ def test_adapter_config_rank_that_is_not_the_weights_rank(factory, tmp_path):
     (adapter / "adapter_config.json").write_text(json.dumps(cfg))
     r = run_export(adapter, tmp_path / "out")
     assert r.exit_code == 1 and "r = 4096 but" in r.stderr and "has rank 4" in r.stderr
+
+
+def test_target_modules_that_match_nothing_are_one_line(factory, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(factory.adapter("bert", "text-classification"), adapter)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["no_such_module"]
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    r = run_export(adapter, out)
+    assert r.exit_code == 1 and "match no module" in r.stderr and "query" in r.stderr
+    assert "Traceback" not in r.output and not out.exists()
