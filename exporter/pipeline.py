@@ -424,10 +424,13 @@ def _load_tokenizer(location, what: str, base_vocab: int | None, adapter_vocab: 
 
     try:
         tok = AutoTokenizer.from_pretrained(str(location), use_fast=True, **kwargs)
-    except (OSError, ValueError) as e:
-        raise UserInputError(
-            f"{what}: no usable tokenizer ({str(e).splitlines()[0][:120]}); add tokenizer files to it"
-        ) from None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - a malformed tokenizer.json surfaces as KeyError, TypeError, a
+        # bare Exception from tokenizers or a Rust panic (a BaseException); all mean "this file is broken"
+        first = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise UserInputError(f"{what}: no usable tokenizer ({type(e).__name__}: {first}); fix or remove its "
+                             "tokenizer files") from None
     if not getattr(tok, "is_fast", False):
         raise UserInputError(f"{what}: the tokenizer cannot be converted to tokenizer.json (no fast version)")
     pad_source = "tokenizer"

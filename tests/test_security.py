@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
-from helpers import run_export
+from helpers import assert_clean_failure, run_export
 
 from exporter.bundle import MANIFEST, MANIFEST_SHA, file_hashes, read_manifest, write_manifest
 from exporter.cli import cli
@@ -319,3 +319,12 @@ def test_target_modules_that_match_nothing_are_one_line(factory, tmp_path):
     r = run_export(adapter, out)
     assert r.exit_code == 1 and "match no module" in r.stderr and "query" in r.stderr
     assert "Traceback" not in r.output and not out.exists()
+
+
+def test_a_malformed_tokenizer_in_the_adapter_is_one_line(factory, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(factory.adapter("bert", "text-classification"), adapter)
+    (adapter / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "WordPiece", "vocab": 5}}')
+    out = tmp_path / "out"
+    r = run_export(adapter, out)
+    assert_clean_failure(r, out, "adapter adapter: no usable tokenizer")
