@@ -72,6 +72,10 @@ def make_staging(out: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
 
 
+# File systems allow 255-byte names; ".NAME.staging-XXXXXXXX" and "NAME.rejected-XXXXXXXX" add up to 25.
+MAX_OUT_NAME = 230
+
+
 def is_bundle(folder: Path) -> bool:
     """A folder this tool wrote: its manifest names export-adapter (an empty folder also counts as replaceable)."""
     try:
@@ -84,6 +88,9 @@ def is_bundle(folder: Path) -> bool:
 def check_out(out: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> None:
     """OUT may be new, or (with --overwrite) an earlier bundle or an empty folder: never a folder of the user's
     own files, never `.`, `/`, the home folder or one of their parents, never a folder holding an input."""
+    if len(out.name.encode()) > MAX_OUT_NAME:
+        raise UserInputError(f"-o {out.name[:40]}...: the folder name is {len(out.name.encode())} bytes; the staging "
+                             f"folder and lock beside it add up to 25, so use at most {MAX_OUT_NAME}")
     target = out.resolve()
     protected = {Path("/"), Path.home().resolve(), Path.cwd().resolve()}
     if target in protected or any(target in p.parents for p in protected):

@@ -443,6 +443,12 @@ def _read_inputs(texts: tuple[str, ...], input_file: Path | None) -> list[str]:
     if input_file is None:
         if not texts:
             raise click.UsageError("give at least one TEXT or --input FILE.jsonl")
+        for t in texts:
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError:  # bytes the terminal's locale could not decode arrive as surrogates
+                raise click.UsageError(f"argument {t.encode('utf-8', 'replace').decode()!r} is not valid UTF-8; "
+                                       "pass UTF-8 text (or --input FILE)") from None
         return list(texts)
     from .errors import UserInputError
 
@@ -450,6 +456,8 @@ def _read_inputs(texts: tuple[str, ...], input_file: Path | None) -> list[str]:
         lines = input_file.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise UserInputError(f"{input_file}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise UserInputError(f"{input_file}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     out = []
     for n, line in enumerate(lines, 1):
         if not line.strip():

@@ -245,12 +245,30 @@ def _hub_config(repo_id: str, revision: str | None) -> dict[str, Any]:
     return read_json(Path(path), "base config.json")
 
 
+def _check_config(base: BaseRef) -> None:
+    """A local base's config.json must build a transformers config (a field of the wrong type fails here, in
+    one line, rather than inside the tokenizer or model loading)."""
+    if not base.is_local:
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(str(base.location))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers raises ValueError, TypeError or its own validation errors
+        first = (str(e).splitlines() or [""])[0][:160]
+        raise UserInputError(f"base {base.name}: its config.json does not describe a valid {base.model_type} model "
+                             f"({type(e).__name__}: {first}); check the config's values and types") from None
+
+
 def check_architecture(base: BaseRef, trust_remote_code: bool) -> None:
     from .tasks import ARCHITECTURES, DECODER_ARCHITECTURES, get_arch
 
     model_type = base.model_type
     needs_remote = "auto_map" in base.config
     if model_type in ARCHITECTURES or model_type in DECODER_ARCHITECTURES:
+        _check_config(base)
         return
     if needs_remote and trust_remote_code:
         raise UnsupportedError(

@@ -81,6 +81,10 @@ def load_base_model(task: TaskSpec, base: BaseRef, labels: tuple[str, ...] | Non
         ) from None
     except ValueError as e:  # shape clashes between config and weights, bad configs
         raise MismatchError(f"cannot load base {base.name}: {str(e).splitlines()[0][:200]}") from None
+    except (TypeError, KeyError, AttributeError, IndexError) as e:  # a config field of the wrong type
+        first = (str(e).splitlines() or [""])[0][:160]
+        raise UserInputError(f"cannot load base {base.name}: its config.json does not describe a valid model "
+                             f"({type(e).__name__}: {first}); check the config's values and types") from None
     model.eval()
     _check_finite(model, f"base {base.name}", "re-download the base model")
     return model, info

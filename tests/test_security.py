@@ -328,3 +328,30 @@ def test_a_malformed_tokenizer_in_the_adapter_is_one_line(factory, tmp_path):
     out = tmp_path / "out"
     r = run_export(adapter, out)
     assert_clean_failure(r, out, "adapter adapter: no usable tokenizer")
+
+
+def test_a_base_config_with_wrong_types_is_one_line(factory, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(factory.base("bert"), base)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["num_attention_heads"] = "four"
+    (base / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    r = run_export(factory.adapter("bert", "text-classification"), out, "--base", str(base))
+    assert r.exit_code == 1, r.output
+    assert_clean_failure(r, out, "config.json does not describe a valid bert model", "num_attention_heads")
+
+
+def test_a_252_character_output_name_is_refused_up_front(factory, tmp_path):
+    out = tmp_path / ("b" * 252)
+    r = run_export(factory.adapter("bert", "text-classification"), out)
+    assert_clean_failure(r, out, "the folder name is 252 bytes")
+
+
+def test_infer_input_that_is_not_utf8(bundle, tmp_path):
+    bad = tmp_path / "in.jsonl"
+    bad.write_bytes(b'{"text": "caf\xe9"}\n')
+    r = CliRunner().invoke(cli, ["infer", str(bundle), "--input", str(bad)])
+    assert r.exit_code == 1 and "not UTF-8 text" in r.stderr and "Traceback" not in r.output
+    r = CliRunner().invoke(cli, ["infer", str(bundle), "caf\udce9"])  # undecodable bytes from the shell
+    assert r.exit_code == 2 and "is not valid UTF-8" in r.output
