@@ -450,7 +450,6 @@ def _read_inputs(texts: tuple[str, ...], input_file: Path | None) -> list[str]:
                 raise click.UsageError(f"argument {t.encode('utf-8', 'replace').decode()!r} is not valid UTF-8; "
                                        "pass UTF-8 text (or --input FILE)") from None
         return list(texts)
-    from .errors import UserInputError
 
     try:
         lines = input_file.read_text(encoding="utf-8").splitlines()
