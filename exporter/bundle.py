@@ -17,7 +17,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import BundleError, OutputExistsError, TamperedBundleError, UserInputError
+from .errors import (
+    BundleError,
+    FileSystemError,
+    OutputExistsError,
+    TamperedBundleError,
+    UserInputError,
+    describe_os_error,
+)
 from .loading import sha256_file
 from .signing import SIGNATURE
 
@@ -37,7 +44,10 @@ BASE_OUTPUTS_NPZ = f"{REFERENCE_DIR}/base_outputs.npz"
 @contextlib.contextmanager
 def output_lock(out: Path) -> Iterator[None]:
     """An exclusive lock beside OUT so two exports cannot race for it; released if the process dies."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FileSystemError(f"cannot create the folder for -o {out}: {describe_os_error(e)}") from None
     # Keyed by the resolved path (two exports through a symlinked folder are one OUT), and never through a
     # planted symlink (O_NOFOLLOW: the lock would otherwise create or truncate its target).
     real = out.parent.resolve() / out.name
@@ -47,7 +57,7 @@ def output_lock(out: Path) -> Iterator[None]:
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise UserInputError(f"{lock_path} is a symlink; remove it (the lock is never followed)") from None
-        raise
+        raise FileSystemError(f"cannot write beside -o {out}: {describe_os_error(e, lock_path.parent)}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -103,6 +113,7 @@ def check_out(out: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> None
         if src.is_dir() and src in target.parents:
             raise UserInputError(f"-o {out}: is inside an input folder of this export ({item}); choose another "
                                  "folder")
+    _check_writable(out)
     if not out.exists():
         return
     if not overwrite:
@@ -112,6 +123,23 @@ def check_out(out: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> None
     if not is_bundle(out) and any(out.iterdir()):
         raise UserInputError(f"-o {out}: exists and is not an export-adapter bundle (no manifest of ours); "
                              "--overwrite only replaces a bundle or an empty folder, choose another -o")
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse before any work when the folder OUT goes in cannot be written (the export would fail at its end)."""
+    parent = next((p for p in (out.absolute().parent, *out.absolute().parents) if p.exists()), None)
+    if parent is None:
+        return
+    try:
+        read_only = bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only:
+        raise FileSystemError(f"-o {out}: {parent} is on a read-only filesystem; choose a location on a writable one")
+    # access() honours the caller's real permissions (root passes, as its writes would).
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise FileSystemError(f"-o {out}: cannot write in {parent} (permission denied); choose a folder you may "
+                              "write, or fix its permissions")
 
 
 def publish(staging: Path, out: Path, overwrite: bool) -> None:

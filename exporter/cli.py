@@ -15,7 +15,15 @@ from typing import Any
 import click
 
 from . import __version__, interrupts
-from .errors import FULL_MODULES, RECIPE_MODULES, ExporterError, ParityError, UserInputError, require_full
+from .errors import (
+    FULL_MODULES,
+    RECIPE_MODULES,
+    ExporterError,
+    ParityError,
+    UserInputError,
+    describe_os_error,
+    require_full,
+)
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARITY, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 3, 130, 143
 
@@ -34,6 +42,11 @@ class Group(click.Group):
         except ExporterError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
+        except OSError as e:
+            # The system refused a read or write the library did not expect to fail (an unreadable bundle file,
+            # a folder made read-only mid-run): one line naming the path and the fix, never a traceback.
+            click.echo(f"error: {describe_os_error(e)}", err=True)
+            ctx.exit(EXIT_ERROR)
         except KeyboardInterrupt:
             click.echo("interrupted: nothing was published", err=True)
             ctx.exit(EXIT_SIGINT)

@@ -7,6 +7,9 @@ is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class ExporterError(Exception):
     """Base class: a failure the user can act on."""
@@ -46,6 +49,30 @@ class MissingExtraError(ExporterError):
 
 class OutputExistsError(ExporterError):
     """OUT exists and --overwrite was not given, or another export holds its lock."""
+
+
+class FileSystemError(ExporterError):
+    """The operating system refused a read or a write: permissions, a read-only filesystem, no space or inodes."""
+
+
+# What the user can do about the system errors a run meets; anything else is named by its strerror.
+_OS_ERROR_FIXES = {
+    errno.EACCES: "check its permissions, or run as a user who may use it",
+    errno.EPERM: "check its permissions, or run as a user who may use it",
+    errno.EROFS: "the filesystem is read-only; choose a location on a writable one",
+    errno.ENOSPC: "free some space (or inodes) on that device, or choose another location",
+    errno.EDQUOT: "your disk quota is used up; free some space or choose another location",
+    errno.EMFILE: "too many open files; raise the limit (ulimit -n)",
+    errno.EIO: "the device reported an I/O error; check the disk",
+}
+
+
+def describe_os_error(e: OSError, path: object = None) -> str:
+    """One line for an OSError: the path, the system's words, the fix."""
+    where = path if path is not None else (e.filename if e.filename is not None else "a file")
+    reason = e.strerror or (os.strerror(e.errno) if e.errno else type(e).__name__)
+    fix = _OS_ERROR_FIXES.get(e.errno or -1)
+    return f"{where}: {reason}" + (f"; {fix}" if fix else "")
 
 
 class BundleError(ExporterError):

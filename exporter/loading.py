@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -418,6 +419,8 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
 
     if path.stat().st_size == 0:
         raise UserInputError(f"{path}: file is empty (0 bytes); re-save or re-download the adapter")
+    if not os.access(path, os.R_OK):  # safetensors reports a permission problem as "No such file or directory"
+        raise UserInputError(f"{path}: cannot read it (permission denied); check its permissions")
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:

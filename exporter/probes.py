@@ -6,12 +6,13 @@ re-tokenizes the stored texts and must reproduce the stored ids), so it must not
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import BundleError, TamperedBundleError
+from .errors import BundleError, FileSystemError, TamperedBundleError
 
 # Short, medium and long texts; the long one is truncated at max_length. Batches mix lengths so padding
 # is exercised, and batch 1 runs each of a few texts alone (no padding at all).
@@ -183,6 +184,8 @@ def load_tokenizer(path: Path, max_length: int, pad_id: int, pad_token: str, pad
     """The bundle's tokenizer.json with our truncation and padding (left for decoders, as generate() pads)."""
     from tokenizers import Tokenizer
 
+    if path.exists() and not os.access(path, os.R_OK):
+        raise FileSystemError(f"{path}: cannot read it (permission denied); check its permissions")
     try:
         tok = Tokenizer.from_file(str(path))
         tok.enable_truncation(max_length=max_length, direction="left" if padding_side == "left" else "right")
@@ -234,6 +237,9 @@ def _check_npz(path: Path) -> None:
 
     with zipfile.ZipFile(path) as z:
         for info in z.infolist():
+            # numpy.savez stores members uncompressed; a compressed member could inflate far past the file.
+            if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
+                raise ValueError(f"{info.filename}: compressed member (numpy.savez writes them stored)")
             with z.open(info) as f:
                 version = np.lib.format.read_magic(f)
                 reader = {(1, 0): np.lib.format.read_array_header_1_0,
@@ -248,6 +254,8 @@ def _check_npz(path: Path) -> None:
 
 
 def load_arrays(path: Path, n_batches: int) -> list[dict[str, np.ndarray]]:
+    import zipfile
+
     try:
         _check_npz(path)
         with np.load(path, allow_pickle=False) as z:
@@ -255,7 +263,8 @@ def load_arrays(path: Path, n_batches: int) -> list[dict[str, np.ndarray]]:
             for key in z.files:
                 i, name = key.split(".", 1)
                 out[int(i)][name] = z[key]
-    except (OSError, ValueError, KeyError, IndexError, EOFError, MemoryError) as e:
+    except (OSError, ValueError, KeyError, IndexError, EOFError, MemoryError, NotImplementedError,
+            zipfile.BadZipFile) as e:  # NotImplementedError: a zip feature (version, encryption) it lacks
         raise TamperedBundleError(f"{path}: cannot read reference arrays ({str(e)[:120]}); the bundle is damaged, "
                                   "re-export it") from None
     return out

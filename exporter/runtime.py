@@ -6,6 +6,7 @@ runs these commands in a process where importing torch fails.
 
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .bundle import member_problem, read_manifest
-from .errors import BundleError, TamperedBundleError, UsageError, UserInputError
+from .errors import BundleError, FileSystemError, TamperedBundleError, UsageError, UserInputError
 from .parity import OutputInfo
 from .probes import encode, load_tokenizer
 
@@ -53,6 +54,9 @@ def make_session(path: Path, providers: list[str] | None = None, threads: int | 
     if threads:
         opts.intra_op_num_threads = threads
     chosen = providers or ["CPUExecutionProvider"]
+    for f in (path, *path.parent.glob(glob.escape(path.name) + ".data")):
+        if not os.access(f, os.R_OK):  # onnxruntime would say only "system error number 13"
+            raise FileSystemError(f"{f}: cannot read it (permission denied); check its permissions")
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph types
@@ -89,6 +93,17 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def check_members(root: Path, manifest: dict[str, Any], variant: str) -> None:
+    """The files a variant runs from (graph, its data, tokenizer) are regular files inside the bundle: a FIFO
+    would block the open for ever, a symlink could point anywhere. Checked before anything opens them."""
+    entry = manifest["variants"][variant]
+    tok_file = (manifest.get("tokenizer") or {}).get("file")
+    for rel in [entry["file"], *entry.get("data_files", []), *([tok_file] if tok_file else [])]:
+        problem = member_problem(root, rel)
+        if problem:
+            raise TamperedBundleError(f"{root}: {problem}; the bundle is damaged, run verify")
+
+
 class BundleModel:
     """One variant of a bundle, ready for inference: ``BundleModel(path).infer(["some text"])``."""
 
@@ -115,12 +130,7 @@ class BundleModel:
         self.input_names = tuple(i["name"] for i in self.manifest["inputs"])
         self.output_names = tuple(o["name"] for o in self.manifest["outputs"])
         entry = variants[self.variant]
-        tok_file = (self.manifest.get("tokenizer") or {}).get("file")
-        for rel in [entry["file"], *entry.get("data_files", []), *([tok_file] if tok_file else [])]:
-            # A FIFO would block the open for ever, a symlink could point anywhere: refuse before opening.
-            problem = member_problem(self.root, rel)
-            if problem:
-                raise TamperedBundleError(f"{self.root}: {problem}; the bundle is damaged, run verify")
+        check_members(self.root, self.manifest, self.variant)
         self.tokenizer = bundle_tokenizer(self.root, self.manifest) if self.manifest.get("tokenizer") else None
         self.session = make_session(self.root / entry["file"], providers, threads)
         graph_inputs = {i.name for i in self.session.get_inputs()}
@@ -232,6 +242,7 @@ class BundleGenerator:
             raise UserInputError(f"{self.root}: no variant {self.variant!r}; this bundle has {', '.join(variants)}")
         self.io = DecoderIO.from_json(self.manifest["decoder"])
         self.gen = self.manifest["generation"]
+        check_members(self.root, self.manifest, self.variant)
         self.tokenizer = bundle_tokenizer(self.root, self.manifest)
         self.tokenizer.no_padding()
         self.adapter = adapter

@@ -35,7 +35,15 @@ from .bundle import (
     write_json,
     write_manifest,
 )
-from .errors import BundleError, MismatchError, ParityError, UnsupportedError, UserInputError, require_full
+from .errors import (
+    BundleError,
+    MismatchError,
+    ParityError,
+    TamperedBundleError,
+    UnsupportedError,
+    UserInputError,
+    require_full,
+)
 from .generation import run_arrays
 from .parity import OutputInfo, _rows
 from .swappable import (
@@ -76,6 +84,18 @@ def parse_adapter_arg(value: str) -> tuple[str, Path]:
 
 
 # --- the two families: what a reference is, how the graph is traced -------------------------------------
+
+
+def _check_ids_fit(model, feeds: list[dict[str, np.ndarray]], root: Path) -> None:
+    """The bundle's stored probe ids must index the base's tables (else torch raises an IndexError)."""
+    limits = {"input_ids": model.get_input_embeddings().num_embeddings,
+              "token_type_ids": getattr(model.config, "type_vocab_size", None)}
+    for i, feeds_i in enumerate(feeds):
+        for name, limit in limits.items():
+            a = feeds_i.get(name)
+            if a is not None and limit and a.size and int(a.max()) >= limit:
+                raise TamperedBundleError(f"{root / INPUTS_NPZ}: batch {i} {name} reaches {int(a.max())}, the base "
+                                          f"has {limit}; the bundle is damaged or tampered with, re-export it")
 
 
 class _Encoder:
@@ -457,7 +477,7 @@ def _add_locked(root: Path, adapter_path: Path, name: str, base: str | None, all
     from .report import write_report
     from .runtime import text_input_names
     from .tasks import get_arch, get_task, task_from_peft
-    from .verify import evaluate_variants, load_reference
+    from .verify import check_tokenizer, evaluate_variants, load_reference
 
     manifest = read_manifest(root)
     section = manifest.get("adapters")
@@ -465,6 +485,8 @@ def _add_locked(root: Path, adapter_path: Path, name: str, base: str | None, all
         raise UserInputError(f"{root}: this bundle has merged weights, no swappable adapters; re-export it with "
                              "--keep-adapters to add adapters later")
     problems = check_integrity(root, manifest)
+    if not problems and (manifest.get("tokenizer") or {}).get("file"):
+        problems = check_tokenizer(root, manifest)  # the stored probe ids are what its tokenizer makes
     if problems:
         raise BundleError(f"{root}: the bundle fails its integrity check ({problems[0]}); re-export it before "
                           "adding adapters")
@@ -487,7 +509,7 @@ def _add_locked(root: Path, adapter_path: Path, name: str, base: str | None, all
     if adapter_task and adapter_task != task.name:
         raise MismatchError(f"adapter {name} is a {adapter_task} adapter, this bundle is {task.name}")
     interface = Interface.from_json(section["interface"])
-    probes, inputs, base_reference = load_reference(root)
+    probes, inputs, base_reference = load_reference(root, manifest)
     if task.name == "text-generation":
         dio = DecoderIO.from_json(manifest["decoder"])
         family: Any = _Decoder(dio, inputs, int(probes["max_new_tokens"]))
@@ -510,6 +532,7 @@ def _add_locked(root: Path, adapter_path: Path, name: str, base: str | None, all
         if task.name == "text-generation":
             conv1d_to_linear(model)
         _set_parameters(model, defaults)
+        _check_ids_fit(model, family.feeds, root)
         got = family.reference(model)
         diff = family.max_diff(got, base_reference)
         bound = FP32_ATOL + FP32_RTOL * max(float(np.abs(r[k]).max()) for r in base_reference for k in r

@@ -13,7 +13,15 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .bundle import INPUTS_NPZ, MANIFEST, OUTPUTS_NPZ, PROBES_JSON, check_integrity, read_manifest
+from .bundle import (
+    INPUTS_NPZ,
+    MANIFEST,
+    OUTPUTS_NPZ,
+    PROBES_JSON,
+    check_integrity,
+    member_problem,
+    read_manifest,
+)
 from .cpu import cpu_features
 from .errors import BundleError, ExporterError, TamperedBundleError
 from .parity import compare_variant
@@ -32,11 +40,14 @@ from .swappable import adapters_summary
 from .tolerances import threshold_problem
 
 
-def probes_problem(probes: Any) -> str | None:
-    """Why probes.json cannot be the probes of a bundle (it is untrusted), or None."""
+def probes_problem(probes: Any, decoder: bool = False, tokenizer: bool = False) -> str | None:
+    """Why probes.json cannot be the probes of a bundle (it is untrusted), or None. A decoder's probes say how
+    many tokens the reference generated; a bundle with a tokenizer has probe texts."""
     if not isinstance(probes, dict) or not isinstance(probes.get("batches"), list) or not probes["batches"]:
         return "no list of batches"
     texts = probes.get("texts")
+    if tokenizer and texts is None:
+        return "no texts (the bundle has a tokenizer)"
     if texts is not None and not (isinstance(texts, list) and all(isinstance(t, str) for t in texts)):
         return "texts is not a list of strings"
     for b in probes["batches"]:
@@ -44,23 +55,100 @@ def probes_problem(probes: Any) -> str | None:
             return "a batch is not a list of text indices"
         if texts is not None and any(not 0 <= i < len(texts) for i in b):
             return "a batch names a text that does not exist"
+    if decoder and "max_new_tokens" not in probes:
+        return "no max_new_tokens"
     new = probes.get("max_new_tokens", 0)
-    if not isinstance(new, int) or not 0 <= new <= 4096:
+    if not isinstance(new, int) or isinstance(new, bool) or not 0 <= new <= 4096:
         return "max_new_tokens out of range"
     return None
 
 
-def load_reference(root: Path) -> tuple[dict, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+def load_reference(root: Path, manifest: dict[str, Any]
+                   ) -> tuple[dict, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """probes.json with the stored inputs and PyTorch outputs, each array checked against what the manifest and
+    the probes say it must be (a tampered array would otherwise reach numpy as a KeyError or a broadcast)."""
+    for rel in (PROBES_JSON, INPUTS_NPZ, OUTPUTS_NPZ):
+        problem = member_problem(root, rel)  # never through a symlink out of the bundle
+        if problem:
+            raise TamperedBundleError(f"{root}: {problem}; the bundle is damaged or tampered with")
     try:
         probes = json.loads((root / PROBES_JSON).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
         raise TamperedBundleError(f"{root / PROBES_JSON}: cannot read probes ({str(e)[:80]}); re-export the "
                                   "bundle") from None
-    problem = probes_problem(probes)
+    problem = probes_problem(probes, manifest.get("family") == "decoder",
+                             bool((manifest.get("tokenizer") or {}).get("file")))
     if problem:
         raise TamperedBundleError(f"{root / PROBES_JSON}: {problem}; the bundle is damaged or tampered with")
     n = len(probes["batches"])
-    return probes, load_arrays(root / INPUTS_NPZ, n), load_arrays(root / OUTPUTS_NPZ, n)
+    inputs, outputs = load_arrays(root / INPUTS_NPZ, n), load_arrays(root / OUTPUTS_NPZ, n)
+    check_arrays(root / INPUTS_NPZ, inputs, expected_inputs(manifest, probes, inputs))
+    check_arrays(root / OUTPUTS_NPZ, outputs, expected_outputs(manifest, probes, inputs))
+    return probes, inputs, outputs
+
+
+# name -> (allowed dtype kinds, shape with None where any size will do, as long as every batch agrees)
+Expected = list[dict[str, tuple[str, tuple[int | None, ...]]]]
+
+
+def expected_inputs(manifest: dict[str, Any], probes: dict, inputs: list[dict[str, np.ndarray]]) -> Expected:
+    """Token ids and masks per batch: [rows of the batch, the batch's sequence length] (from its input_ids)."""
+    out: Expected = []
+    for b, feeds in zip(probes["batches"], inputs):
+        ids = feeds.get("input_ids")
+        seq = ids.shape[1] if ids is not None and ids.ndim == 2 else -1
+        out.append({name: ("iu", (len(b), seq)) for name in text_input_names(manifest)})
+    return out
+
+
+def expected_outputs(manifest: dict[str, Any], probes: dict, inputs: list[dict[str, np.ndarray]],
+                     required: tuple[str, ...] | None = None) -> Expected:
+    """The arrays outputs.npz holds per batch (``required``: only these names, as in base_outputs.npz)."""
+    out: Expected = []
+    for b, feeds in zip(probes["batches"], inputs):
+        n, seq = len(b), feeds["input_ids"].shape[1]
+        if manifest.get("family") == "decoder":
+            k = int(probes["max_new_tokens"])
+            want = {"logits": ("f", (n, seq, None)), "tokens": ("iu", (n, k)), "margins": ("f", (n, k))}
+        else:
+            want = {i.name: ("f", (n, seq, None) if i.per_token else (n, None)) for i in output_infos(manifest)}
+        out.append({k: v for k, v in want.items() if required is None or k in required})
+    return out
+
+
+# Token ids, token types and generated tokens are indices into tables far smaller than this.
+MAX_TOKEN_ID = 2**31 - 1
+
+
+def check_arrays(path: Path, arrays: list[dict[str, np.ndarray]], expected: Expected, optional: bool = False) -> None:
+    """Every expected array present (unless ``optional``) with its dtype kind and shape, finite; free sizes equal
+    across batches."""
+    free: dict[tuple[str, int], int] = {}
+    for i, (got, want) in enumerate(zip(arrays, expected)):
+        for name, (kinds, shape) in want.items():
+            a = got.get(name)
+            problem = None
+            if a is None:
+                if optional:
+                    continue
+                problem = "missing"
+            elif a.dtype.kind not in kinds or a.ndim != len(shape):
+                problem = f"is {a.dtype} with {a.ndim} axes"
+            elif a.dtype.kind == "f" and not np.isfinite(a).all():
+                problem = "holds NaN or inf"
+            elif a.dtype.kind in "iu" and a.size and (a.min() < 0 or a.max() > MAX_TOKEN_ID):
+                problem = f"holds values outside 0..{MAX_TOKEN_ID}"
+            elif name == "attention_mask" and not np.isin(a, (0, 1)).all():
+                problem = "holds values other than 0 and 1"
+            else:
+                for axis, (size, need) in enumerate(zip(a.shape, shape)):
+                    need = need if need is not None else free.setdefault((name, axis), size)
+                    if size != need:
+                        problem = f"has shape {list(a.shape)} where axis {axis} must be {need}"
+                        break
+            if problem:
+                raise TamperedBundleError(f"{path}: batch {i} {name} {problem}; the bundle is damaged or tampered "
+                                          "with")
 
 
 class _EncoderRunner:
@@ -133,10 +221,9 @@ def name_worst_probes(result: dict[str, Any], probes: dict) -> dict[str, Any]:
 
 
 def _runner(root: Path, manifest: dict[str, Any]):
-    probes, inputs, reference = load_reference(root)
-    if manifest.get("family") == "decoder":
-        return _DecoderRunner(manifest, probes, inputs), reference
-    return _EncoderRunner(manifest, probes, inputs), reference
+    probes, inputs, reference = load_reference(root, manifest)
+    runner = (_DecoderRunner if manifest.get("family") == "decoder" else _EncoderRunner)(manifest, probes, inputs)
+    return runner, reference, probes, inputs
 
 
 def evaluate_variants(
@@ -145,11 +232,17 @@ def evaluate_variants(
 ) -> dict[str, dict[str, Any]]:
     """Each variant on the stored probes against the stored PyTorch reference (and, for a bundle with
     swappable adapters, with each adapter active and switching between them)."""
-    runner, reference = _runner(root, manifest)
+    runner, reference, probes, inputs = _runner(root, manifest)
     # The base model's outputs on the probes (bundles from schema 2 on): they let a quantized variant show it kept
     # the adapter (parity.adapter_kept).
     base_file = (manifest.get("reference") or {}).get("base_outputs")
-    base = load_arrays(root / base_file, len(reference)) if base_file else None
+    base = None
+    if base_file:
+        base = load_arrays(root / base_file, len(reference))
+        # A decoder's base logits exist for the single-prompt batches only (the padded batch has none).
+        decoder = manifest.get("family") == "decoder"
+        check_arrays(root / base_file, base, expected_outputs(manifest, probes, inputs, ("logits",) if decoder
+                                                               else None), optional=decoder)
     results = {}
     for name in names:
         entry = manifest["variants"][name]
@@ -197,6 +290,7 @@ def _evaluate_adapters(root: Path, manifest: dict[str, Any], runner, session, ba
         try:
             active[adapter] = ActiveAdapters(root, manifest, [adapter])
             reference = load_arrays(root / item["reference"], n)
+            check_arrays(root / item["reference"], reference, expected_outputs(manifest, runner.probes, runner.inputs))
             outputs = runner.run(session, active[adapter].run_options)
         except ExporterError as e:
             per_adapter[adapter] = {"passed": False, "outputs": {}, "failures": [str(e)]}
@@ -273,7 +367,7 @@ def check_on_texts(root: Path, manifest: dict[str, Any], texts: tuple[str, ...],
 
 def check_tokenizer(root: Path, manifest: dict[str, Any]) -> list[str]:
     """Re-tokenize the stored probe texts; the ids must equal the stored ones, or inference would drift."""
-    probes, inputs, _ = load_reference(root)
+    probes, inputs, _ = load_reference(root, manifest)
     tok = bundle_tokenizer(root, manifest)
     names = text_input_names(manifest)
     for i, batch in enumerate(probes["batches"]):
@@ -343,7 +437,8 @@ def verify_bundle(
         broken = [f for f in (item["file"], item["reference"]) if f in bad_files]
         if broken:
             skip[adapter] = f"{broken[0]} failed the integrity check"
-    results.update(evaluate_variants(root, manifest, runnable, providers, threads, skip))
+    if runnable:  # else the reference files are damaged: not even opened
+        results.update(evaluate_variants(root, manifest, runnable, providers, threads, skip))
     results = {v: results[v] for v in names}
     user = None
     if user_texts is not None:

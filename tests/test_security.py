@@ -355,3 +355,214 @@ def test_infer_input_that_is_not_utf8(bundle, tmp_path):
     assert r.exit_code == 1 and "not UTF-8 text" in r.stderr and "Traceback" not in r.output
     r = CliRunner().invoke(cli, ["infer", str(bundle), "caf\udce9"])  # undecodable bytes from the shell
     assert r.exit_code == 2 and "is not valid UTF-8" in r.output
+
+
+class OpenWatch:
+    """Every open of a file in FOLDER, by any code in this process (Python, onnxruntime's C++, tokenizers' Rust):
+    inotify sees the kernel's opens, which an audit hook would not."""
+
+    IN_ACCESS, IN_OPEN = 0x1, 0x20
+
+    def __init__(self, folder) -> None:
+        import ctypes
+
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self.libc.inotify_init1(os.O_NONBLOCK)
+        if self.fd < 0 or self.libc.inotify_add_watch(self.fd, str(folder).encode(),
+                                                      self.IN_OPEN | self.IN_ACCESS) < 0:
+            pytest.skip("inotify is not available here")
+
+    def opened(self) -> list[str]:
+        import struct
+
+        names = []
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return names
+            at = 0
+            while at < len(data):
+                _wd, mask, _cookie, length = struct.unpack_from("iIII", data, at)
+                name = data[at + 16:at + 16 + length].rstrip(b"\0").decode()
+                names.append(f"{name or '.'}:{mask:#x}")
+                at += 16 + length
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _leaves(node, path=()):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, (*path, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _leaves(v, (*path, i))
+    yield path
+
+
+def _mutate_json(data, rng, weird):
+    paths = [p for p in _leaves(data) if p]
+    for path in rng.sample(paths, min(2, len(paths))):
+        parent = data
+        try:
+            for k in path[:-1]:
+                parent = parent[k]
+            if rng.random() < 0.3 and isinstance(parent, dict):
+                parent.pop(path[-1], None)
+            else:
+                parent[path[-1]] = rng.choice(weird)
+        except (KeyError, IndexError, TypeError):
+            continue
+    return data
+
+
+def _mutate_npz(path, rng, outside):
+    import numpy as np
+
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    key = rng.choice(sorted(arrays))
+    a = arrays[key]
+    kind = rng.randrange(9)
+    if kind == 0:
+        arrays[key] = a[..., None]  # one more axis
+    elif kind == 1:
+        arrays[key] = a[:, :1] if a.ndim > 1 else a[:0]  # shorter
+    elif kind == 2:
+        arrays[key] = np.full(a.shape, 2**40 if a.dtype.kind == "i" else np.nan, dtype=a.dtype)  # ids/NaN
+    elif kind == 3:
+        arrays[key] = a.astype(np.float64 if a.dtype.kind == "i" else np.int64)
+    elif kind == 4:
+        del arrays[key]
+    elif kind == 5:
+        arrays["../" + key] = a
+    elif kind == 6:
+        arrays[key] = np.array([str(outside / "secret.txt")], dtype=object)  # needs unpickling to read
+    if kind <= 6:
+        np.savez(path, allow_pickle=kind == 6, **arrays)
+    elif kind == 7:
+        raw = bytearray(path.read_bytes())
+        for _ in range(8):
+            raw[rng.randrange(len(raw))] = rng.randrange(256)
+        path.write_bytes(bytes(raw))
+    else:
+        path.write_bytes(path.read_bytes()[: rng.randrange(1, 400)])
+
+
+def _mutate_bundle(b, target, rng, weird, outside) -> None:
+    """One random mutation of TARGET in bundle B, re-hashed into the manifest so its checksums agree."""
+    manifest = json.loads((b / MANIFEST).read_text())
+    if target == "manifest":
+        _mutate_json(manifest, rng, weird)
+    elif target == "symlink":  # a bundle file replaced by a link out, with the link target's hash
+        rel = rng.choice(sorted(r for r in manifest["files"] if not r.startswith("report/")))
+        (b / rel).unlink()
+        (b / rel).symlink_to(outside / "secret.txt")
+        manifest["files"][rel] = hashlib.sha256(b"private").hexdigest()
+    else:
+        path = b / target
+        if target.endswith(".npz"):
+            _mutate_npz(path, rng, outside)
+        elif rng.random() < 0.7:
+            path.write_text(json.dumps(_mutate_json(json.loads(path.read_text()), rng, weird)))
+        else:
+            raw = bytearray(path.read_bytes())
+            raw[rng.randrange(len(raw))] = rng.choice(b"\xff\x00\"{[")
+            path.write_bytes(bytes(raw))
+        if isinstance(manifest.get("files"), dict):
+            manifest["files"][target] = hashlib.sha256(path.read_bytes()).hexdigest()
+    _write_raw_manifest(b, json.dumps(manifest))
+
+
+def _assert_clean_outcome(r, where, watch, report_command="verify") -> None:
+    assert r.exit_code in (0, 1, 3), (where, r.output)
+    assert r.exception is None or isinstance(r.exception, SystemExit), (where, repr(r.exception))
+    assert "Traceback" not in r.output, (where, r.output)
+    if r.exit_code:  # one error line, or verify's report naming what failed
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 or (where[1] == report_command and "FAIL" in r.stdout), (where, r.output)
+    assert watch.opened() == [], (where, "opened a file outside the bundle")
+
+
+def _outside(tmp_path):
+    """A folder beside the bundle with files named like bundle files: nothing may ever open them."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name in ("secret.txt", "model.onnx", "tokenizer.json", "outputs.npz"):
+        (outside / name).write_text("private")
+    return outside
+
+
+WEIRD = [None, -1, 0, 1e308, float("inf"), "", "../outside/secret.txt", "model.int8.onnx", [], {}, True, "x" * 300,
+         2**63, "\r\nforged line"]
+
+
+@pytest.mark.parametrize("family, rounds", [("encoder", 49), ("decoder", 21)])
+def test_fuzzed_bundle_files_never_traceback_or_read_outside_the_bundle(factory, tmp_path, family, rounds):
+    """Random mutations of a real bundle's manifest, probes, reference arrays and tokenizer, re-hashed so the
+    checksums agree (an attacker controls every file): verify, infer/generate and inspect end with exit 0, 1 or
+    3 and one line, and nothing outside the bundle is ever opened (files there are named as bundle files)."""
+    if family == "decoder":
+        source, _ = factory.decoder_bundle("llama")
+        run = ["generate", "--max-new-tokens", "4"]
+    else:
+        source, _ = factory.bundle("bert", "text-classification")
+        run = ["infer"]
+    outside = _outside(tmp_path)
+    rng = random.Random(12)
+    weird = [*WEIRD, str(outside / "model.onnx")]
+    targets = ["manifest", "reference/probes.json", "reference/inputs.npz", "reference/outputs.npz",
+               "reference/base_outputs.npz", "tokenizer.json", "symlink"]
+    watch = OpenWatch(outside)
+    seen: dict[str, int] = {}
+    try:
+        for round_ in range(rounds):
+            b = tmp_path / f"b{round_}"
+            shutil.copytree(source, b)
+            target = targets[round_ % len(targets)]
+            _mutate_bundle(b, target, rng, weird, outside)
+            for command in (["verify", str(b)], [run[0], str(b), "fine", *run[1:]], ["inspect", str(b)]):
+                r = CliRunner().invoke(cli, command)
+                _assert_clean_outcome(r, (target, command[0], round_), watch)
+                seen[f"{target}:{r.exit_code}"] = seen.get(f"{target}:{r.exit_code}", 0) + 1
+            shutil.rmtree(b)
+    finally:
+        watch.close()
+    # The mutations reached the checks rather than bouncing off the first one: every target was refused at
+    # least once.
+    assert all(any(k.startswith(f"{t}:") and not k.endswith(":0") for k in seen) for t in targets), seen
+
+
+def test_fuzzed_swappable_bundles_never_traceback_in_add_adapter(factory, tmp_path):
+    """The same mutations of a swappable bundle (its adapters' reference arrays too), then add-adapter: exit 0,
+    1 or 3 with one line, nothing outside the bundle opened, and a refused bundle is left as it was."""
+    from helpers import make_adapter
+
+    source, _ = factory.swap_bundle("encoder")
+    base = factory.base("bert")
+    third = make_adapter(base, "bert", "text-classification", tmp_path / "third", r=2, seed=3)
+    outside = _outside(tmp_path)
+    rng = random.Random(7)
+    weird = [*WEIRD, str(outside / "model.onnx")]
+    items = read_manifest(source)["adapters"]["items"]
+    targets = ["manifest", "reference/probes.json", "reference/inputs.npz", "reference/outputs.npz",
+               items["first"]["reference"], "symlink"]
+    watch = OpenWatch(outside)
+    try:
+        for round_ in range(12):
+            b = tmp_path / f"b{round_}"
+            shutil.copytree(source, b)
+            target = targets[round_ % len(targets)]
+            _mutate_bundle(b, target, rng, weird, outside)
+            before = {p.relative_to(b).as_posix(): p.read_bytes() for p in b.rglob("*") if p.is_file() and not p.is_symlink()}
+            r = CliRunner().invoke(cli, ["add-adapter", str(b), "--adapter", f"third={third}", "--base", str(base),
+                                         "-q"])
+            _assert_clean_outcome(r, (target, "add-adapter", round_), watch)
+            if r.exit_code:
+                after = {p.relative_to(b).as_posix(): p.read_bytes() for p in b.rglob("*") if p.is_file() and not p.is_symlink()}
+                assert after == before, (target, round_)
+            shutil.rmtree(b)
+    finally:
+        watch.close()
