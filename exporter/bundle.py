@@ -25,7 +25,7 @@ from .errors import (
     UserInputError,
     describe_os_error,
 )
-from .loading import sha256_file
+from .formats import sha256_file
 from .signing import SIGNATURE
 
 SCHEMA_VERSION = 2

@@ -32,7 +32,7 @@ def cache_root() -> Path:
 
 def converted_folder(name: str, gguf: Path, package: str) -> Path:
     """The cached float32 folder of an embedded GGUF base, converting it on first use (atomically)."""
-    from .loading import sha256_file
+    from .formats import sha256_file
 
     digest = sha256_file(gguf)
     final = cache_root() / "embedded" / f"{name}-{digest[:12]}"

@@ -26,7 +26,8 @@ from typing import Any
 from .bundle import check_out, output_lock, publish
 from .datasets import accuracy_f1, entity_f1, read_rows, require_columns, split_rows
 from .errors import UnsupportedError, UserInputError, require_full
-from .loading import ADAPTER_SIDECAR, resolve_base_name
+from .formats import ADAPTER_SIDECAR
+from .loading import resolve_base_name
 from .recipes import Recipe, effective_yaml
 
 METRICS_FILE = "training_metrics.json"

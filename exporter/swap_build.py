@@ -282,7 +282,8 @@ def build_swappable(spec, modes, stages, adapters: list[tuple[str, Any]], base, 
                     staging: Path) -> dict[str, Any]:
     """The keep-adapters export (both families); returns the report, like pipeline's builders."""
     from .decoder import conv1d_to_linear, decoder_io, make_decoder_wrapper, torch_step
-    from .loading import pooling_config, sha256_file
+    from .formats import sha256_file
+    from .loading import pooling_config
     from .merge import full_tensor_names, load_base_model, resolve_labels
     from .pipeline import (
         _decoder_fields,
@@ -470,8 +471,9 @@ def add_adapter(bundle: Path, adapter_path: Path, name: str | None = None, *, ba
 def _add_locked(root: Path, adapter_path: Path, name: str, base: str | None, allow_pickle: bool,
                 trust_remote_code: bool, progress, sign: Path | None = None) -> dict[str, Any]:
     from .decoder import conv1d_to_linear
+    from .formats import sha256_file
     from .generation import DecoderIO
-    from .loading import check_architecture, inspect_adapter, public_base_name, resolve_base_name, sha256_file
+    from .loading import check_architecture, inspect_adapter, public_base_name, resolve_base_name
     from .merge import load_base_model, resolve_labels
     from .pipeline import _Stages
     from .report import write_report

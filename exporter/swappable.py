@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BundleError, MismatchError, UserInputError
-from .loading import sha256_file
+from .formats import sha256_file
 
 ADAPTERS_DIR = "adapters"
 ADAPTER_SUFFIX = ".onnx_adapter"

@@ -9,7 +9,7 @@ import pytest
 from helpers import TINY_ARCHS
 
 from exporter.bundle import MANIFEST, MANIFEST_SHA
-from exporter.loading import sha256_file
+from exporter.formats import sha256_file
 from exporter.tasks import ARCHITECTURES, ENCODER_TASKS, TASKS
 from exporter.tolerances import FP32_ATOL, FP32_RTOL
 from exporter.verify import verify_bundle

@@ -21,7 +21,7 @@ from helpers import assert_clean_failure, make_adapter, make_base, run_export
 from exporter.bundle import read_manifest
 from exporter.cli import cli
 from exporter.errors import MismatchError, UserInputError
-from exporter.loading import sha256_file
+from exporter.formats import sha256_file
 from exporter.runtime import BundleGenerator, BundleModel, make_session
 from exporter.schema import MANIFEST_SCHEMA, REPORT_SCHEMA
 from exporter.swappable import (

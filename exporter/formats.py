@@ -1,0 +1,69 @@
+"""What a peft adapter folder looks like, and reading the files users and bundles hand us.
+
+Device layer (torch-free): the bundle reader, ``inspect`` and the build side all use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import UserInputError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_SAFETENSORS = "adapter_model.safetensors"
+ADAPTER_PICKLE = "adapter_model.bin"
+# Written beside the adapter by our fine-tuning and sample scripts: label names and the task.
+ADAPTER_SIDECAR = "export_adapter.json"
+# Merge-able adapter types and the key fragment that marks their weights in a saved adapter.
+ADAPTER_MARKERS = {
+    "LORA": (".lora_",),
+    "ADALORA": (".lora_",),  # plus ranknum, which peft derives and does not save
+    "LOHA": (".hada_",),
+    "LOKR": (".lokr_",),
+    "IA3": (".ia3_",),
+}
+SUPPORTED_PEFT_TYPES = tuple(ADAPTER_MARKERS)
+ALL_MARKERS = tuple(sorted({m for ms in ADAPTER_MARKERS.values() for m in ms}))
+
+
+def is_adapter_key(key: str) -> bool:
+    return any(m in key for m in ALL_MARKERS)
+
+
+UNMERGEABLE_PEFT_TYPES = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_text(path: Path, what: str) -> str:
+    """A user-named text file, or one line saying it is missing or unreadable."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserInputError(f"{path}: {what} not found") from None
+    except UnicodeDecodeError:
+        raise UserInputError(f"{path}: {what} is not UTF-8 text; re-save it as UTF-8") from None
+    except OSError as e:
+        raise UserInputError(f"{path}: cannot read {what} ({e.strerror}); check its permissions") from None
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    text = read_text(path, what)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserInputError(
+            f"{path}: {what} is not valid JSON (line {e.lineno}: {e.msg}); re-save or re-download it"
+        ) from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"{path}: {what} must be a JSON object, got {type(data).__name__}")
+    return data
