@@ -389,7 +389,7 @@ def main() -> None:
                     help="with --keep: re-judge the bundles an earlier run built there (for tuning thresholds)")
     args = ap.parse_args()
     from exporter.cpu import cpu_features
-    from exporter.pipeline import quiet_libraries
+    from exporter.stages import quiet_libraries
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-gates-"))
     work.mkdir(parents=True, exist_ok=True)

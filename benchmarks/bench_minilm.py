@@ -48,7 +48,7 @@ def torch_model(threads: int):
     from exporter.export import make_wrapper
     from exporter.loading import inspect_adapter, resolve_base
     from exporter.merge import apply_adapter, load_base_model, merge, resolve_labels
-    from exporter.pipeline import quiet_libraries
+    from exporter.stages import quiet_libraries
     from exporter.tasks import get_arch, get_task, input_names
 
     torch.set_num_threads(threads)

@@ -1,4 +1,4 @@
-"""Write the generated parts of docs/ from the code: CLI help and JSON Schemas.
+"""Write the generated parts of docs/ from the code: CLI help, JSON Schemas, gates, layers (and README Layout).
 
     python docs/generate.py          # rewrite them
     python docs/generate.py --check  # exit 1 if any is stale (tests/test_docs.py does the same)
@@ -51,6 +51,57 @@ def render_gates() -> str:
     return "\n".join(parts) + "\n"
 
 
+LAYER_PROFILES = {
+    "device": "pip install export-adapter (no torch): read, verify and run bundles",
+    "build": "the full extra: load, merge, export, quantize, write bundles",
+    "train": "the full extra: recipes and fine-tuning",
+    "cli": "the click layer over all of them",
+}
+LAYOUT_BEGIN = "<!-- layout: generated from exporter/layers.py by docs/generate.py -->"
+LAYOUT_END = "<!-- layout: end -->"
+
+
+def _first_line(module: str) -> str:
+    import ast
+
+    doc = ast.get_docstring(ast.parse((DOCS.parent / "exporter" / f"{module}.py").read_text())) or ""
+    return " ".join(doc.split("\n\n")[0].split())
+
+
+def render_layers() -> str:
+    """docs/layers.md: every module, its layer and what it is for (its docstring's first paragraph)."""
+    from exporter.layers import LAYERS
+
+    parts = ["# Layers", "", "Generated from `exporter/layers.py` and the modules' docstrings by `python docs/generate.py`;",
+             "do not edit by hand. A module imports only from its own layer or an earlier one in this page",
+             "(`tests/test_layers.py` reads every import, those inside functions included).", ""]
+    for layer, modules in LAYERS.items():
+        parts += [f"## {layer}: {LAYER_PROFILES[layer]}", "", "| module | what it is for |", "|---|---|"]
+        parts += [f"| `{m}.py` | {_first_line(m).replace('|', '/')} |" for m in modules]
+        parts.append("")
+    return "\n".join(parts)
+
+
+def render_readme_layout() -> str:
+    """README.md with its Layout block redrawn from exporter/layers.py."""
+    import textwrap
+
+    from exporter.layers import LAYERS
+
+    readme = (DOCS.parent / "README.md").read_text()
+    head, rest = readme.split(LAYOUT_BEGIN, 1)
+    _, tail = rest.split(LAYOUT_END, 1)
+    lines = ["```text"]
+    for i, (layer, modules) in enumerate(reversed(list(LAYERS.items()))):
+        if i:
+            lines.append("   │ imports only ↓")
+        lines.append(f"{layer:<7}{LAYER_PROFILES[layer]}")
+        lines += textwrap.wrap(" ".join(modules), 100, initial_indent="       ", subsequent_indent="       ")
+    lines.append("```")
+    block = "\n".join(lines)
+    return f"{head}{LAYOUT_BEGIN}\n{block}\n{LAYOUT_END}{tail}"
+
+
 def rendered() -> dict[str, str]:
     from exporter.schema import MANIFEST_SCHEMA, REPORT_SCHEMA
 
@@ -59,6 +110,8 @@ def rendered() -> dict[str, str]:
         "gates.md": render_gates(),
         "manifest.schema.json": json.dumps(MANIFEST_SCHEMA, indent=2) + "\n",
         "report.schema.json": json.dumps(REPORT_SCHEMA, indent=2) + "\n",
+        "layers.md": render_layers(),
+        "../README.md": render_readme_layout(),
     }
 
 

@@ -25,12 +25,9 @@ from .errors import (
     UserInputError,
     describe_os_error,
 )
-from .formats import sha256_file
-from .signing import SIGNATURE
+from .formats import MANIFEST, MANIFEST_SHA, SCHEMA_VERSION, SIGNATURE, sha256_file
+from .schema import MANIFEST_SCHEMA
 
-SCHEMA_VERSION = 2
-MANIFEST = "manifest.json"
-MANIFEST_SHA = "manifest.json.sha256"
 PARITY_JSON = "parity.json"
 PARITY_MD = "parity.md"
 REFERENCE_DIR = "reference"
@@ -260,7 +257,6 @@ def read_manifest(root: Path) -> dict[str, Any]:
             f"{root}: bundle schema_version {manifest['schema_version']} is newer than this export-adapter "
             f"reads ({SCHEMA_VERSION}); upgrade export-adapter on this device"
         )
-    from .schema import MANIFEST_SCHEMA
     from .validate import schema_errors
 
     errors = schema_errors(manifest, MANIFEST_SCHEMA)

@@ -433,8 +433,8 @@ def run(recipe_file: Path, out: Path, epochs, max_steps, learning_rate, batch_si
     eval data, gated by tolerances.max_metric_drop. Exit 3 when a gate fails.
     """
     require_full("run", FULL_MODULES + RECIPE_MODULES)
-    from .pipeline import run_recipe
     from .recipes import load_recipe
+    from .run import run_recipe
 
     r = load_recipe(recipe_file, _overrides(epochs, max_steps, learning_rate, batch_size, seed, quantize))
     if tolerances:

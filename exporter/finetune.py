@@ -234,7 +234,7 @@ def finetune(recipe: Recipe, out: Path, *, work_dir: Path | None = None, resume:
     if data.labels:
         model_kwargs.update(num_labels=len(data.labels), id2label=dict(enumerate(data.labels)),
                             label2id={x: i for i, x in enumerate(data.labels)})
-    from .pipeline import quiet_libraries
+    from .stages import quiet_libraries
 
     with quiet_libraries():
         model = getattr(transformers, MODEL_CLASS[recipe.task]).from_pretrained(base.location, **model_kwargs)

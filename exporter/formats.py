@@ -12,6 +12,13 @@ from typing import Any
 
 from .errors import UserInputError
 
+# A bundle's own files: the manifest, its checksum and its optional detached signature.
+MANIFEST = "manifest.json"
+MANIFEST_SHA = "manifest.json.sha256"
+SIGNATURE = "manifest.json.sig"
+# The manifest layout this version writes (older ones still verify).
+SCHEMA_VERSION = 2
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"

@@ -24,7 +24,7 @@ class OutputInfo:
     is_logits: bool
 
 
-def _rows(a: np.ndarray, mask: np.ndarray | None, per_token: bool) -> np.ndarray:
+def output_rows(a: np.ndarray, mask: np.ndarray | None, per_token: bool) -> np.ndarray:
     """Flatten to (rows, features): one row per example, or per non-padded token for per-token outputs."""
     a = np.asarray(a, dtype=np.float64)
     if per_token:
@@ -33,7 +33,7 @@ def _rows(a: np.ndarray, mask: np.ndarray | None, per_token: bool) -> np.ndarray
 
 
 def _row_origin(shapes: list[tuple[int, ...]], masks: list[np.ndarray | None], per_token: bool) -> np.ndarray:
-    """(batch, example, token) of every row _rows yields, in the same order (token -1 for per-example rows)."""
+    """(batch, example, token) of every row output_rows yields, in the same order (token -1 for per-example rows)."""
     out = []
     for b, (shape, mask) in enumerate(zip(shapes, masks)):
         if per_token:
@@ -103,8 +103,8 @@ def output_metrics(
     """Every metric of one output over all probe batches; ``worst`` says which row each metric's worst value came
     from (batch, example, token) so the report can show that probe. ``row_texts`` (probes.json batches) names the
     text of each example, so similarity metrics count each distinct text once."""
-    g = np.concatenate([_rows(x, m, info.per_token) for x, m in zip(got, masks)])
-    r = np.concatenate([_rows(x, m, info.per_token) for x, m in zip(ref, masks)])
+    g = np.concatenate([output_rows(x, m, info.per_token) for x, m in zip(got, masks)])
+    r = np.concatenate([output_rows(x, m, info.per_token) for x, m in zip(ref, masks)])
     origin = _row_origin([x.shape for x in ref], masks, info.per_token)
     finite = bool(np.isfinite(g).all())
     diff = np.abs(g - r) if finite else np.full_like(r, np.inf)
@@ -276,9 +276,9 @@ def adapter_kept(got: list[np.ndarray], ref: list[np.ndarray], base: list[np.nda
     pairs = [(g, r, b, k) for g, r, b, k in zip(got, ref, base, masks) if b is not None and b.shape == r.shape]
     if not pairs:
         return None
-    gv = np.concatenate([_rows(g, k, per_token).ravel() for g, _, _, k in pairs])
-    rv = np.concatenate([_rows(r, k, per_token).ravel() for _, r, _, k in pairs])
-    bv = np.concatenate([_rows(b, k, per_token).ravel() for _, _, b, k in pairs])
+    gv = np.concatenate([output_rows(g, k, per_token).ravel() for g, _, _, k in pairs])
+    rv = np.concatenate([output_rows(r, k, per_token).ravel() for _, r, _, k in pairs])
+    bv = np.concatenate([output_rows(b, k, per_token).ravel() for _, _, b, k in pairs])
     if not np.isfinite(gv).all():
         return None
     e = rv - bv
@@ -325,7 +325,7 @@ def adapter_effect(
     out = {}
     for info in infos:
         diffs = [
-            np.abs(_rows(m[info.name], k, info.per_token) - _rows(b[info.name], k, info.per_token)).max()
+            np.abs(output_rows(m[info.name], k, info.per_token) - output_rows(b[info.name], k, info.per_token)).max()
             for m, b, k in zip(merged, base, masks)
         ]
         out[info.name] = float(max(diffs))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .errors import ExporterError, UnsupportedError
 from .export import OnnxArtifact
+from .stages import Stages
 
 QUANTIZE_MODES = ("int8", "fp16", "int4")
 VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx", "int4": "model.int4.onnx"}
@@ -98,3 +99,16 @@ def _fp16(src: Path, dst: Path, external: bool) -> None:
                   location=dst.name + ".data")
     else:
         onnx.save(model16, str(dst))
+
+
+def quantize_all(stages: Stages, fp32: OnnxArtifact, modes: tuple[str, ...], staging: Path, decoder: bool,
+                 block_size: int = DEFAULT_INT4_BLOCK, int4_embedding: bool = False,
+                 adapter_modules: tuple[str, ...] = ()) -> dict[str, OnnxArtifact]:
+    """The fp32 artifact and one quantized artifact per mode, as the variants of a bundle."""
+    artifacts = {"fp32": fp32}
+    for mode in modes:
+        artifacts[mode] = stages.run(f"quantize_{mode}", f"quantizing ({mode})",
+                                     lambda m=mode: quantize(fp32, m, staging, decoder=decoder, block_size=block_size,
+                                                             int4_embedding=int4_embedding,
+                                                             adapter_modules=adapter_modules))
+    return artifacts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -183,3 +184,12 @@ def worst_lines(report: dict[str, Any]) -> list[str]:
                     line += f"; top-3 token ids torch {w['torch_top']}, onnx {w['onnx_top']}"
                 lines.append(line)
     return lines
+
+
+@dataclass(frozen=True)
+class Report:
+    data: dict[str, Any] = field(repr=False)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.data["passed"])

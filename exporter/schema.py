@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .bundle import SCHEMA_VERSION
+from .formats import SCHEMA_VERSION
 from .tolerances import THRESHOLDS
 
 _THRESHOLDS = {

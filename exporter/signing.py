@@ -13,9 +13,8 @@ import os
 from pathlib import Path
 
 from .errors import MissingExtraError, TamperedBundleError, UserInputError
+from .formats import MANIFEST, SIGNATURE
 
-SIGNATURE = "manifest.json.sig"
-MANIFEST = "manifest.json"
 # Ed25519 signatures are 64 bytes; the file holds them base64-encoded with a short header line.
 MAX_SIGNATURE_BYTES = 4096
 # An encrypted private key is opened with this environment variable's value (never a command-line argument).

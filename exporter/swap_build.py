@@ -45,7 +45,7 @@ from .errors import (
     require_full,
 )
 from .generation import run_arrays
-from .parity import OutputInfo, _rows
+from .parity import OutputInfo, output_rows
 from .swappable import (
     ADAPTER_REFERENCE_DIR,
     ADAPTER_SUFFIX,
@@ -147,8 +147,8 @@ class _Decoder:
         return {"logits": self.max_diff(ref, base)}
 
     def max_diff(self, ref: list[dict], base: list[dict]) -> float:
-        return float(max(np.abs(_rows(r["logits"], f["attention_mask"], True) -
-                                _rows(b["logits"], f["attention_mask"], True)).max()
+        return float(max(np.abs(output_rows(r["logits"], f["attention_mask"], True) -
+                                output_rows(b["logits"], f["attention_mask"], True)).max()
                          for r, b, f in zip(ref, base, self.feeds)))
 
     def export(self, model, interface: Interface, path: Path, opset: int):
@@ -284,23 +284,13 @@ def build_swappable(spec, modes, stages, adapters: list[tuple[str, Any]], base, 
     from .decoder import conv1d_to_linear, decoder_io, make_decoder_wrapper, torch_step
     from .formats import sha256_file
     from .loading import pooling_config
+    from .manifest import decoder_fields, encoder_fields, finish, manifest_head, manifest_tail
     from .merge import full_tensor_names, load_base_model, resolve_labels
-    from .pipeline import (
-        _decoder_fields,
-        _encoder_fields,
-        _finish,
-        _manifest_head,
-        _manifest_tail,
-        _save_tokenizer,
-        choose_prompts,
-        encoder_probes,
-        eos_token_ids,
-        probe_texts,
-        quantize_all,
-    )
     from .probes import GREEDY_TOKENS, encode, load_tokenizer, save_arrays
+    from .quantize import quantize_all
     from .swap_export import add_defaults, base_defaults, inject
     from .tasks import input_names as task_inputs
+    from .tokenizer_files import choose_prompts, encoder_probes, eos_token_ids, probe_texts, save_tokenizer
     from .verify import evaluate_variants
 
     warnings: list[str] = []
@@ -321,7 +311,7 @@ def build_swappable(spec, modes, stages, adapters: list[tuple[str, Any]], base, 
     if shipped:
         warnings.append(f"adapter(s) {', '.join(shipped)} ship a tokenizer; the bundle uses one tokenizer for all "
                         f"adapters (the first one's, else the base's)")
-    tok, pad_source = stages.run("tokenizer", "saving tokenizer", _save_tokenizer, base, first, staging,
+    tok, pad_source = stages.run("tokenizer", "saving tokenizer", save_tokenizer, base, first, staging,
                                  spec.trust_remote_code)
 
     def load_graph_model():
@@ -385,7 +375,8 @@ def build_swappable(spec, modes, stages, adapters: list[tuple[str, Any]], base, 
     gc.collect()
     # Quantize while the adapter inputs have no initializers: the quantizers would otherwise treat the zero
     # defaults as weights and quantize the LoRA MatMuls; adapters stay float32 on every variant.
-    artifacts = quantize_all(stages, spec, fp32, modes, staging, decoder=is_decoder)
+    artifacts = quantize_all(stages, fp32, modes, staging, decoder=is_decoder, block_size=spec.int4_block_size,
+                             int4_embedding=spec.int4_embedding)
     for art in artifacts.values():
         add_defaults(art, defaults)
     graph_sha = sha256_file(fp32.path)
@@ -407,20 +398,20 @@ def build_swappable(spec, modes, stages, adapters: list[tuple[str, Any]], base, 
         if max(p.effect.values()) < required:
             warnings.append(f"adapter {p.name} barely changes the model (max |merged - base| "
                             f"{max(p.effect.values()):.2g} < {required:g}); parity cannot show it survived export")
-    from .pipeline import _copy_base_docs
+    from .manifest import copy_base_docs
 
-    _copy_base_docs(base, staging)
+    copy_base_docs(base, staging)
     effect = {k: min(p.effect[k] for p in prepared) for k in prepared[0].effect}
     meaningful = all(max(p.effect.values()) >= required for p in prepared)
     all_labels = {v for v in labels_by_name.values()}
-    fields = (_decoder_fields(dio, tok, max_length, positions, eos_ids, pad_source) if is_decoder else
-              _encoder_fields(task, names, labels if len(all_labels) == 1 else None, pooling, tok, max_length,
+    fields = (decoder_fields(dio, tok, max_length, positions, eos_ids, pad_source) if is_decoder else
+              encoder_fields(task, names, labels if len(all_labels) == 1 else None, pooling, tok, max_length,
                               pad_source))
     manifest: dict[str, Any] = {
-        **_manifest_head(spec, task, base, first, num_parameters),
+        **manifest_head(spec, task, base, first, num_parameters),
         **fields,
         "probes": texts.manifest(),
-        **_manifest_tail(spec, artifacts, task.name, effect, required, meaningful, decoder=is_decoder),
+        **manifest_tail(spec, artifacts, task.name, effect, required, meaningful, decoder=is_decoder),
     }
     manifest["adapter"] = None
     manifest["adapters"] = {
@@ -437,7 +428,7 @@ def build_swappable(spec, modes, stages, adapters: list[tuple[str, Any]], base, 
     manifest["files"] = file_hashes(staging)  # the adapter files are checked against these before loading
     results = stages.run("verify", "checking parity with onnxruntime (base, each adapter, switching)",
                          lambda: evaluate_variants(staging, manifest, list(artifacts)))
-    return _finish(staging, spec, modes, manifest, results, warnings, stages, task, artifacts, None, None,
+    return finish(staging, spec, modes, manifest, results, warnings, stages, task, artifacts, None, None,
                    extra={"adapters": adapters_summary(manifest)})
 
 
@@ -454,7 +445,8 @@ def add_adapter(bundle: Path, adapter_path: Path, name: str | None = None, *, ba
         from .signing import load_private_key
 
         load_private_key(sign)
-    from .pipeline import _disk_error, quiet_libraries
+    from .stages import quiet_libraries
+    from .staging import disk_error
 
     root = Path(bundle)
     name = check_adapter_name(name) if name else check_adapter_name(Path(adapter_path).resolve().name)
@@ -465,7 +457,7 @@ def add_adapter(bundle: Path, adapter_path: Path, name: str | None = None, *, ba
         try:
             return _add_locked(root, Path(adapter_path), name, base, allow_pickle, trust_remote_code, progress, sign)
         except OSError as e:
-            raise _disk_error(e, root) from None
+            raise disk_error(e, root) from None
 
 
 def _add_locked(root: Path, adapter_path: Path, name: str, base: str | None, allow_pickle: bool,
@@ -475,9 +467,9 @@ def _add_locked(root: Path, adapter_path: Path, name: str, base: str | None, all
     from .generation import DecoderIO
     from .loading import check_architecture, inspect_adapter, public_base_name, resolve_base_name
     from .merge import load_base_model, resolve_labels
-    from .pipeline import _Stages
     from .report import write_report
     from .runtime import text_input_names
+    from .stages import Stages
     from .tasks import get_arch, get_task, task_from_peft
     from .verify import check_tokenizer, evaluate_variants, load_reference
 
@@ -494,7 +486,7 @@ def _add_locked(root: Path, adapter_path: Path, name: str, base: str | None, all
                           "adding adapters")
     if name in section["items"]:
         raise UserInputError(f"{root}: already has an adapter named {name}; choose another with --adapter NEW=PATH")
-    stages = _Stages(progress)
+    stages = Stages(progress)
     ref = stages.run("inspect", "inspecting adapter", inspect_adapter, adapter_path, allow_pickle)
     bundle_base = manifest["base"]["name"]
     recorded = public_base_name(ref.recorded_base)

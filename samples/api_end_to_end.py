@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from exporter.pipeline import run_recipe
 from exporter.recipes import load_recipe
+from exporter.run import run_recipe
 from exporter.runtime import BundleModel
 from exporter.verify import verify_bundle
 

@@ -99,7 +99,7 @@ def test_free_space_is_checked_before_a_large_export(factory, tmp_path, monkeypa
     class Tiny:
         free = 10_000
 
-    monkeypatch.setattr("exporter.pipeline.shutil.disk_usage", lambda path: Tiny)
+    monkeypatch.setattr("exporter.staging.shutil.disk_usage", lambda path: Tiny)
     out = tmp_path / "out"
     assert_clean_failure(run_export(factory.adapter("bert", "text-classification"), out), out, "not enough free space")
 
