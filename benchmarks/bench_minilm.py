@@ -45,9 +45,9 @@ def torch_model(threads: int):
     """The merged PyTorch model, built with the same stage functions export uses."""
     import torch
 
-    from exporter.export import make_wrapper
     from exporter.loading import inspect_adapter, resolve_base
     from exporter.merge import apply_adapter, load_base_model, merge, resolve_labels
+    from exporter.onnx_export import make_wrapper
     from exporter.stages import quiet_libraries
     from exporter.tasks import get_arch, get_task, input_names
 

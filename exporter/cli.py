@@ -247,13 +247,11 @@ def add_adapter_cmd(bundle: Path, adapter: str, base: str | None, allow_pickle: 
     Refuses an adapter trained for another base or targeting modules the graph does not expose. The bundle is
     updated with the same staged, atomic publish as export: on any failure it is left untouched.
     """
-    from .pipeline import Report
     from .swap_build import add_adapter, parse_adapter_arg
 
     name, path = parse_adapter_arg(adapter)
-    _show_report(lambda: Report(add_adapter(bundle, path, name, base=base, allow_pickle=allow_pickle,
-                                            trust_remote_code=trust_remote_code, progress=_progress(quiet),
-                                            sign=sign)),
+    _show_report(lambda: add_adapter(bundle, path, name, base=base, allow_pickle=allow_pickle,
+                                     trust_remote_code=trust_remote_code, progress=_progress(quiet), sign=sign),
                  bundle, as_json)
 
 

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from .errors import ExporterError
-from .export import EXTERNAL_DATA_THRESHOLD, MIN_ORT_FOR_OPSET, OnnxArtifact
 from .generation import DecoderIO
+from .onnx_export import EXTERNAL_DATA_THRESHOLD, MIN_ORT_FOR_OPSET, OnnxArtifact
 
 
 def _cache_kwarg(model) -> str:

@@ -23,7 +23,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "verify", "inspection", "layers",
     ),
     "build": (
-        "loading", "embedded", "merge", "export", "decoder", "swap_export", "quantize", "weightonly",
+        "loading", "embedded", "merge", "onnx_export", "decoder", "swap_export", "quantize", "weightonly",
         "datasets", "taskeval", "spec", "stages", "staging", "tokenizer_files", "manifest", "pipeline",
         "swap_build",
     ),

@@ -22,7 +22,7 @@ from .bundle import (
     write_manifest,
 )
 from .cpu import cpu_features
-from .export import MIN_ORT_FOR_OPSET
+from .onnx_export import MIN_ORT_FOR_OPSET
 from .report import write_report
 from .spec import ExportSpec
 from .stages import Stages

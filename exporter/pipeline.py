@@ -26,7 +26,6 @@ from .errors import (
     UserInputError,
     require_full,
 )
-from .export import MIN_ORT_FOR_OPSET
 from .manifest import (
     copy_base_docs,
     decoder_fields,
@@ -35,6 +34,7 @@ from .manifest import (
     manifest_head,
     manifest_tail,
 )
+from .onnx_export import MIN_ORT_FOR_OPSET
 from .quantize import quantize_all
 from .report import Report
 from .spec import ExportSpec, normalize_modes
@@ -52,6 +52,12 @@ from .tokenizer_files import (
 from .tolerances import required_effect
 
 log = logging.getLogger(__name__)
+
+
+def export(adapter: Path | str, out: Path | str, *, progress: Progress | None = None, **options: Any) -> Report:
+    """``export-adapter export`` as a call: ``export("adapter/", "bundle/", quantize=("int8",))``. The options
+    are ExportSpec's fields; the Report says whether every variant passed (a failed gate raises ParityError)."""
+    return run_pipeline(ExportSpec(adapter=Path(adapter), out=Path(out), **options), progress)
 
 
 def run_pipeline(spec: ExportSpec, progress: Progress | None = None) -> Report:
@@ -204,9 +210,9 @@ def _choose_task(spec: ExportSpec, adapter, base) -> str:
 
 
 def _build(spec, modes, stages: Stages, adapter, base, arch, task, staging: Path) -> dict[str, Any]:
-    from .export import example_feeds, export_onnx, make_wrapper, run_torch
     from .loading import pooling_config
     from .merge import apply_adapter, load_base_model, merge, resolve_labels
+    from .onnx_export import example_feeds, export_onnx, make_wrapper, run_torch
     from .parity import OutputInfo, adapter_effect
     from .probes import load_tokenizer, save_arrays, synthetic_probes
     from .tasks import input_names as task_inputs

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from .errors import ExporterError, UnsupportedError
-from .export import OnnxArtifact
+from .onnx_export import OnnxArtifact
 from .stages import Stages
 
 QUANTIZE_MODES = ("int8", "fp16", "int4")

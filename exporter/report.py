@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -186,10 +185,17 @@ def worst_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-@dataclass(frozen=True)
-class Report:
-    data: dict[str, Any] = field(repr=False)
+class Report(dict):
+    """What export, run, add-adapter and verify return: the report JSON (parity.json, ``--json``) as a dict,
+    valid against REPORT_SCHEMA (exporter/schema.py), with ``passed`` as an attribute."""
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self
 
     @property
     def passed(self) -> bool:
-        return bool(self.data["passed"])
+        return bool(self["passed"])
+
+    def __repr__(self) -> str:  # the whole report is pages of numbers
+        return f"Report(command={self.get('command')!r}, passed={self.get('passed')!r})"

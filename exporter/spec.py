@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserInputError
-from .export import DEFAULT_OPSET
+from .onnx_export import DEFAULT_OPSET
 from .probes import DEFAULT_MAX_LENGTH
 from .quantize import QUANTIZE_MODES
 from .taskeval import TaskEvalSpec

@@ -46,6 +46,7 @@ from .errors import (
 )
 from .generation import run_arrays
 from .parity import OutputInfo, output_rows
+from .report import Report
 from .swappable import (
     ADAPTER_REFERENCE_DIR,
     ADAPTER_SUFFIX,
@@ -105,7 +106,7 @@ class _Encoder:
         self.output_names = tuple(i.name for i in self.infos)
 
     def reference(self, model) -> list[dict[str, np.ndarray]]:
-        from .export import make_wrapper, run_torch
+        from .onnx_export import make_wrapper, run_torch
 
         wrapper = make_wrapper(model, self.task, self.names, self.pooling)
         return [run_torch(wrapper, f, self.output_names) for f in self.feeds]
@@ -121,7 +122,7 @@ class _Encoder:
     def export(self, model, interface: Interface, path: Path, opset: int):
         import torch
 
-        from .export import example_feeds, make_wrapper
+        from .onnx_export import example_feeds, make_wrapper
         from .swap_export import export_swappable, make_swappable
 
         wrapper = make_swappable(make_wrapper(model, self.task, self.names, self.pooling), len(self.names), interface)
@@ -437,7 +438,7 @@ def build_swappable(spec, modes, stages, adapters: list[tuple[str, Any]], base, 
 
 def add_adapter(bundle: Path, adapter_path: Path, name: str | None = None, *, base: str | None = None,
                 allow_pickle: bool = False, trust_remote_code: bool = False, progress=None,
-                sign: Path | None = None) -> dict[str, Any]:
+                sign: Path | None = None) -> Report:
     """Convert one more peft adapter for a swappable bundle; OUT is replaced only when everything passes.
     The manifest changes, so a signed bundle must be re-signed (``sign``) or it is published unsigned."""
     require_full("add-adapter")
@@ -455,7 +456,8 @@ def add_adapter(bundle: Path, adapter_path: Path, name: str | None = None, *, ba
     # The lock first: a concurrent add-adapter must see this one's manifest, not the one before it.
     with output_lock(root), quiet_libraries():
         try:
-            return _add_locked(root, Path(adapter_path), name, base, allow_pickle, trust_remote_code, progress, sign)
+            return Report(_add_locked(root, Path(adapter_path), name, base, allow_pickle, trust_remote_code,
+                                      progress, sign))
         except OSError as e:
             raise disk_error(e, root) from None
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ExporterError, MismatchError, UnsupportedError
-from .export import EXTERNAL_DATA_THRESHOLD, MIN_ORT_FOR_OPSET, OnnxArtifact
+from .onnx_export import EXTERNAL_DATA_THRESHOLD, MIN_ORT_FOR_OPSET, OnnxArtifact
 from .swappable import LORA_KINDS, Interface, lora_input
 
 # Rank of the example tensors traced at export: >= 2, because torch.export specialises a dimension seen at 1.

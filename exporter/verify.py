@@ -26,6 +26,7 @@ from .cpu import cpu_features
 from .errors import BundleError, ExporterError, TamperedBundleError
 from .parity import compare_variant
 from .probes import encode, load_arrays
+from .report import Report
 from .runtime import (
     bundle_tokenizer,
     check_providers,
@@ -382,7 +383,7 @@ def check_tokenizer(root: Path, manifest: dict[str, Any]) -> list[str]:
 def verify_bundle(
     root: Path | str, variants: list[str] | None = None, providers: list[str] | None = None,
     threads: int | None = None, probe_texts: Path | None = None, trusted_key: Path | None = None,
-) -> dict[str, Any]:
+) -> Report:
     """The Report for a published bundle: integrity, tokenizer, and every (or the chosen) variant's parity;
     with ``probe_texts``, also every quantized variant against fp32 on those texts (check_on_texts)."""
     root = Path(root)
@@ -456,7 +457,7 @@ def verify_bundle(
                 results[v]["passed"] = False
                 results[v]["failures"] += [f"your probes ({user['file']}, vs fp32): {f}" for f in r["failures"]]
     passed = not problems and all(r["passed"] for r in results.values()) and not (user or {}).get("problems")
-    return {
+    return Report({
         "schema_version": manifest["schema_version"],
         "command": "verify",
         "tool_version": __version__,
@@ -475,5 +476,5 @@ def verify_bundle(
         **({"adapters": adapters_summary(manifest)} if manifest.get("adapters") else {}),
         **({"user_probes": user} if user is not None else {}),
         "signature": signature,
-    }
+    })
 

@@ -62,3 +62,17 @@ def test_readme_commands_are_what_ci_runs():
     for job in jobs:
         assert job in ci, job
     assert tests in ci
+
+
+def test_readme_api_block_uses_only_the_public_api():
+    """The README's Python example imports only names exporter.__all__ promises, and calls them by it."""
+    import ast
+
+    import exporter
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    tree = ast.parse(block)
+    imported = [(n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names]
+    assert imported and all(module == "exporter" for module, _ in imported), imported
+    assert {name for _, name in imported} <= set(exporter.__all__)

@@ -23,7 +23,7 @@ def test_export_without_the_adapter_fails_fp32_gate(factory, tmp_path):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from exporter.export import export_onnx, make_wrapper
+    from exporter.onnx_export import export_onnx, make_wrapper
     from exporter.tasks import TASKS
 
     out, _ = factory.bundle("bert", "text-classification")

@@ -19,7 +19,7 @@ from exporter.verify import verify_bundle
 
 def test_external_data_bundle_verifies_from_another_directory(factory, tmp_path, monkeypatch):
     """Past the 2 GB protobuf limit weights go to one external data file; exercised here by lowering the limit."""
-    monkeypatch.setattr("exporter.export.EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr("exporter.onnx_export.EXTERNAL_DATA_THRESHOLD", 0)
     out = tmp_path / "ext"
     report = run_pipeline(ExportSpec(adapter=factory.adapter("bert", "text-classification"), out=out,
                                      quantize=("int8", "fp16")))

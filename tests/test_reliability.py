@@ -108,7 +108,7 @@ def test_reexport_with_overwrite_leaves_no_stale_external_data(factory, tmp_path
     """onnx.save appends to an existing external data file; staging is always fresh, so sizes stay equal."""
     from exporter.verify import verify_bundle
 
-    monkeypatch.setattr("exporter.export.EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr("exporter.onnx_export.EXTERNAL_DATA_THRESHOLD", 0)
     out = tmp_path / "out"
     adapter = factory.adapter("bert", "text-classification")
     assert run_export(adapter, out, "--quantize", "none").exit_code == 0

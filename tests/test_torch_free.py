@@ -74,3 +74,41 @@ def test_swappable_adapters_without_torch(factory):
     r = run_blocked("generate", str(out), "Once upon a time", "--max-new-tokens", "4", "--adapter", "first",
                     "--variant", "int4")
     assert r.returncode == 0, r.stderr
+
+
+def test_public_api_on_the_device_side_without_torch(factory):
+    """`import exporter` and its device names (BundleModel, verify_bundle, Report) work where torch cannot
+    be imported; the build and train names are there too and say in one line what to install when called."""
+    out, _ = factory.bundle("bert", "text-classification")
+    code = (
+        "import sys\n"
+        "for m in ('torch', 'transformers', 'peft', 'onnx', 'safetensors', 'pydantic', 'yaml'):\n"
+        "    sys.modules[m] = None\n"
+        "import exporter\n"
+        "report = exporter.verify_bundle(sys.argv[1])\n"
+        "assert isinstance(report, exporter.Report) and report.passed, report\n"
+        "print(exporter.BundleModel(sys.argv[1]).infer(['Great.'])[0]['label'])\n"
+        "try:\n"
+        "    exporter.export(sys.argv[1], sys.argv[1] + '-x')\n"
+        "except exporter.MissingExtraError as e:\n"
+        "    print('missing:', e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    label, missing = r.stdout.splitlines()
+    assert label in ("negative", "neutral", "positive")
+    assert missing.startswith("missing: export needs the full toolkit"), missing
+
+
+def test_public_api_names_resolve():
+    import exporter
+
+    for name in exporter.__all__:
+        assert getattr(exporter, name) is not None, name
+    assert exporter.Report is __import__("exporter.report", fromlist=["Report"]).Report
+    try:
+        exporter.no_such_thing  # noqa: B018
+    except AttributeError as e:
+        assert "no attribute 'no_such_thing'" in str(e)
+    else:
+        raise AssertionError("an unknown name must raise AttributeError")
