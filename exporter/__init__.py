@@ -41,7 +41,7 @@ _LAZY = {
     "run_pipeline": "pipeline",
     "ExportSpec": "spec",
     "Report": "report",
-    "add_adapter": "swap_build",
+    "add_adapter": "swap_add",
     "run_recipe": "run",
     "load_recipe": "recipes",
     "finetune": "finetune",

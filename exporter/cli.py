@@ -6,27 +6,39 @@ Results go to stdout (``--json`` for machines); progress and errors go to stderr
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
 from . import __version__, interrupts
-from .errors import (
+from .cli_device import (
+    emit_json,
+    generate,
+    infer,
+    inspect,
+    keygen,
+    verify,
+)
+from .errors import (  # the exit codes are imported for docs/exit-codes.md's test too
+    EXIT_ERROR,
+    EXIT_OK,  # noqa: F401
+    EXIT_PARITY,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    EXIT_USAGE,  # noqa: F401
     FULL_MODULES,
     RECIPE_MODULES,
     ExporterError,
     ParityError,
-    UserInputError,
     describe_os_error,
     require_full,
 )
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARITY, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 3, 130, 143
-
+from .onnx_export import DEFAULT_OPSET
+from .probes import DEFAULT_MAX_LENGTH
+from .quantize import DEFAULT_INT4_BLOCK, QUANTIZE_MODES
+from .tasks import TASK_NAMES
 
 
 class Group(click.Group):
@@ -53,10 +65,6 @@ class Group(click.Group):
         except interrupts.Terminated:
             click.echo("terminated: nothing was published", err=True)
             ctx.exit(EXIT_SIGTERM)
-
-
-def _emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, allow_nan=False))
 
 
 def _progress(quiet: bool):
@@ -91,23 +99,22 @@ def cli() -> None:
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of the base; recorded.")
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path),
               help="Bundle folder to write (published atomically when every gate passes).")
-@click.option("--task", type=click.Choice(["text-classification", "token-classification", "feature-extraction",
-                                          "text-generation"]),
+@click.option("--task", type=click.Choice(TASK_NAMES),
               default=None, help="Pipeline task. Default: from the adapter's task_type, else the base config.")
 @click.option("--labels", default=None,
               help="Comma-separated label names, in head order. Default: the adapter's export_adapter.json, "
                    "else the base's id2label.")
-@click.option("--quantize", "quantize", multiple=True, type=click.Choice(["int8", "int4", "fp16", "none"]),
+@click.option("--quantize", "quantize", multiple=True, type=click.Choice([*QUANTIZE_MODES, "none"]),
               help="Extra variant(s) beside the fp32 reference; repeatable. Default: int8. Encoders: int8 is "
                    "dynamic per-channel (U8U8). Decoders: int8 and int4 are weight-only (MatMulNBits, int8 "
                    "compute); int4 is for text-generation models only.")
-@click.option("--int4-block-size", type=click.Choice(["16", "32", "64", "128"]), default="32", show_default=True,
+@click.option("--int4-block-size", type=click.Choice(["16", "32", "64", "128"]), default=str(DEFAULT_INT4_BLOCK), show_default=True,
               help="Block size of int4 weight quantization.")
 @click.option("--int4-embedding", is_flag=True,
               help="int4: quantize the token embedding and the output projection (lm_head) to 4 bits too "
                    "(default 8 bits: 4 bits measured 17x the mean KL on SmolLM2).")
-@click.option("--opset", type=int, default=20, show_default=True, help="ONNX opset of the default domain.")
-@click.option("--max-length", type=int, default=128, show_default=True,
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset of the default domain.")
+@click.option("--max-length", type=int, default=DEFAULT_MAX_LENGTH, show_default=True,
               help="Longest probe sequence (tokens); capped by the model's position limit.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only after every check passed).")
 @click.option("--allow-pickle", is_flag=True,
@@ -187,10 +194,10 @@ def _show_report(produce, out: Path, as_json: bool) -> None:
         report = produce()
     except ParityError as e:
         if as_json and e.report is not None:
-            _emit_json(e.report)
+            emit_json(e.report)
         raise
     if as_json:
-        _emit_json(report.data)
+        emit_json(report.data)
     else:
         _print_summary(report.data, out)
 
@@ -247,86 +254,13 @@ def add_adapter_cmd(bundle: Path, adapter: str, base: str | None, allow_pickle: 
     Refuses an adapter trained for another base or targeting modules the graph does not expose. The bundle is
     updated with the same staged, atomic publish as export: on any failure it is left untouched.
     """
-    from .swap_build import add_adapter, parse_adapter_arg
+    from .swap_add import add_adapter
+    from .swap_build import parse_adapter_arg
 
     name, path = parse_adapter_arg(adapter)
     _show_report(lambda: add_adapter(bundle, path, name, base=base, allow_pickle=allow_pickle,
                                      trust_remote_code=trust_remote_code, progress=_progress(quiet), sign=sign),
                  bundle, as_json)
-
-
-@cli.command()
-@click.argument("private_key", metavar="KEY.pem", type=click.Path(path_type=Path))
-def keygen(private_key: Path) -> None:
-    """Make an Ed25519 key pair for signing bundles: KEY.pem (private, mode 0600; keep it on the build
-    machine) and KEY.pub.pem (for devices: verify --trusted-key). Never overwrites a key. Needs cryptography."""
-    from .signing import keygen as make_keys
-
-    private, public = make_keys(private_key)
-    click.echo(f"private key: {private}\npublic key:  {public}")
-
-
-@cli.command()
-@click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--variant", "variants", multiple=True, help="Variant(s) to check (fp32, int8, fp16). Default: all.")
-@click.option("--providers", multiple=True, help="onnxruntime execution provider(s). Default: CPUExecutionProvider.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
-@click.option("--probe-texts", type=click.Path(path_type=Path), default=None,
-              help="Also judge every quantized variant on your own texts (prompts for decoders), one per line or "
-                   "JSON Lines; without PyTorch on the device the fp32 graph is their reference.")
-@click.option("--plot", type=click.Path(path_type=Path), default=None,
-              help="Write this device's error-distribution plot (PNG; needs matplotlib).")
-@click.option("--trusted-key", type=click.Path(path_type=Path), default=None, metavar="PUB.pem",
-              help="Require a valid signature by this Ed25519 public key (export --sign) before anything in the "
-                   "bundle is read; unsigned or mis-signed: exit 3. Needs the sign extra (cryptography).")
-@click.option("--json", "as_json", is_flag=True, help="Print the Report (passed, variants, integrity) on stdout.")
-def verify(bundle: Path, variants: tuple[str, ...], providers: tuple[str, ...], threads: int | None,
-           probe_texts: Path | None, plot: Path | None, trusted_key: Path | None, as_json: bool) -> None:
-    """Check a bundle on this device, without torch: hashes, tokenizer, and every variant's parity.
-
-    Runs the stored probes and compares with the stored PyTorch outputs under the thresholds in the
-    manifest (the export's defaults and any --tolerance the exporter chose). Exit 0 when everything passes,
-    3 otherwise (a tampered or missing file included).
-    """
-    from .verify import verify_bundle
-
-    report = verify_bundle(bundle, list(variants) or None, list(providers) or None, threads, probe_texts, trusted_key)
-    if plot is not None:
-        from .plot import write_error_plot
-
-        if not write_error_plot(report, plot):
-            raise UserInputError("--plot needs matplotlib: pip install matplotlib (or export-adapter[plot])")
-        click.echo(f"plot: {plot}", err=True)
-    if as_json:
-        _emit_json(report)
-    else:
-        for p in report["integrity"]["problems"]:
-            click.echo(f"  integrity FAIL  {p}")
-        for name, r in report["variants"].items():
-            extra = ""
-            if r.get("adapters") is not None:
-                ok = sum(a["passed"] for a in r["adapters"].values())
-                extra = (f"  (base + {ok}/{len(r['adapters'])} adapters, switching "
-                         f"{'ok' if r.get('switching', {}).get('passed') else 'FAILED'})")
-            click.echo(f"  {name:5s} {'PASS' if r['passed'] else 'FAIL'}{extra}")
-            for f in r["failures"]:
-                click.echo(f"        {f}")
-        user = report.get("user_probes")
-        if user:
-            click.echo(f"  your probes: {user['count']} texts from {user['file']}, each quantized variant vs fp32: "
-                       + (", ".join(f"{v} {'PASS' if r['passed'] else 'FAIL'}" for v, r in user["variants"].items())
-                          or "no quantized variant"))
-            for p in user.get("problems", []):
-                click.echo(f"        {p}")
-        sig = report["signature"]
-        click.echo("  signature " + (f"valid, key {sig['key_id']}" if sig["checked"] else
-                                     "present, not checked (pass --trusted-key)" if sig["signed"] else
-                                     "none: integrity against accidents only (export --sign for authenticity)"))
-        exported = (report.get("exported_on") or {}).get("isa")
-        click.echo(f"  cpu   {report['cpu']['isa']}" + (f" (the export was verified on {exported})" if exported else ""))
-        click.echo(f"{bundle}: {'verified' if report['passed'] else 'VERIFICATION FAILED'}")
-    if not report["passed"]:
-        sys.exit(EXIT_PARITY)
 
 
 def _overrides(epochs: float | None, max_steps: int | None, learning_rate: float | None, batch_size: int | None,
@@ -375,7 +309,7 @@ def recipe_schema_cmd() -> None:
     require_full("recipe schema", RECIPE_MODULES)
     from .recipes import recipe_schema
 
-    _emit_json(recipe_schema())
+    emit_json(recipe_schema())
 
 
 @cli.command()
@@ -402,7 +336,7 @@ def finetune(recipe_file: Path, out: Path, epochs, max_steps, learning_rate, bat
         return
     metrics = {k: v for k, v in result.metrics.items() if k != "log_history"}
     if as_json:
-        _emit_json(metrics)
+        emit_json(metrics)
     else:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics["eval"].items()
                           if k in ("accuracy", "macro_f1", "entity_f1", "loss", "perplexity"))
@@ -413,7 +347,7 @@ def finetune(recipe_file: Path, out: Path, epochs, max_steps, learning_rate, bat
 @click.argument("recipe_file", metavar="RECIPE", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
 @_training_options
-@click.option("--quantize", "quantize", multiple=True, type=click.Choice(["int8", "int4", "fp16", "none"]),
+@click.option("--quantize", "quantize", multiple=True, type=click.Choice([*QUANTIZE_MODES, "none"]),
               help="Override export.quantize; repeatable (int4: text-generation recipes).")
 @click.option("--tolerance", "tolerances", multiple=True, callback=lambda c, p, v: _parse_tolerances(v),
               metavar="[VARIANT.]NAME=VALUE",
@@ -442,127 +376,8 @@ def run(recipe_file: Path, out: Path, epochs, max_steps, learning_rate, batch_si
                                     work_dir=work_dir, resume=resume), out, as_json)
 
 
-def _one_line(value: str) -> str:
-    """A value from a bundle or an input, printed on one line: control characters shown escaped (a label with
-    \\r or \\n could otherwise forge output lines)."""
-    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(value))
-
-
-def _read_inputs(texts: tuple[str, ...], input_file: Path | None) -> list[str]:
-    if texts and input_file:
-        raise click.UsageError("give TEXT arguments or --input, not both")
-    if input_file is None:
-        if not texts:
-            raise click.UsageError("give at least one TEXT or --input FILE.jsonl")
-        for t in texts:
-            try:
-                t.encode("utf-8")
-            except UnicodeEncodeError:  # bytes the terminal's locale could not decode arrive as surrogates
-                raise click.UsageError(f"argument {t.encode('utf-8', 'replace').decode()!r} is not valid UTF-8; "
-                                       "pass UTF-8 text (or --input FILE)") from None
-        return list(texts)
-
-    try:
-        lines = input_file.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise UserInputError(f"{input_file}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise UserInputError(f"{input_file}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserInputError(f"{input_file}:{n}: not JSON; each line must be a string or {{\"text\": ...}}") from None
-        text = item.get("text") if isinstance(item, dict) else item
-        if not isinstance(text, str):
-            raise UserInputError(f"{input_file}:{n}: no \"text\" string on this line")
-        out.append(text)
-    return out
-
-
-@cli.command()
-@click.argument("bundle", type=click.Path(path_type=Path))
-@click.argument("texts", nargs=-1)
-@click.option("--input", "input_file", type=click.Path(path_type=Path),
-              help="JSON Lines file: one string or {\"text\": ...} per line.")
-@click.option("--variant", default=None, help="Variant to run. Default: the bundle's default (int8 when it passed).")
-@click.option("--adapter", default=None,
-              help="Swappable adapter to activate (bundles exported with --keep-adapters). Default: none (the base).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
-@click.option("--json", "as_json", is_flag=True, help="Print results as JSON on stdout.")
-def infer(bundle: Path, texts: tuple[str, ...], input_file: Path | None, variant: str | None, adapter: str | None,
-          threads: int | None, as_json: bool) -> None:
-    """Run a bundle on texts, without torch: labels with scores, token labels, or embeddings."""
-    from .runtime import BundleModel
-
-    inputs = _read_inputs(texts, input_file)
-    model = BundleModel(bundle, variant, threads=threads, adapter=adapter)
-    results = model.infer(inputs)
-    if as_json:
-        _emit_json({"variant": model.variant, "adapter": model.adapter, "task": model.task, "results": results})
-        return
-    for r in results:
-        text = _one_line(r["text"])
-        if "label" in r:
-            click.echo(f"{_one_line(r['label'])}\t{r['score']:.4f}\t{text}")
-        elif "tokens" in r:
-            tags = " ".join(f"{_one_line(t['token'])}/{_one_line(t['label'])}" for t in r["tokens"])
-            click.echo(f"{text}\n  {tags}")
-        else:
-            e = r["embedding"]
-            head = ", ".join(f"{x:.4f}" for x in e[:4])
-            click.echo(f"[{head}, ...] (dim {len(e)})\t{text}")
-
-
-@cli.command()
-@click.argument("bundle", type=click.Path(path_type=Path))
-@click.argument("prompt")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--variant", default=None, help="Variant to run (fp32, int8, int4, fp16). Default: the bundle's default.")
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="0 is greedy; above 0 samples.")
-@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True,
-              help="Nucleus sampling mass (with --temperature > 0).")
-@click.option("--seed", type=int, default=None, help="Seed for sampling.")
-@click.option("--stop", "stop", multiple=True, help="Stop string; repeatable.")
-@click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template (needs jinja2).")
-@click.option("--adapter", default=None,
-              help="Swappable adapter to activate (bundles exported with --keep-adapters). Default: none (the base).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
-def generate(bundle: Path, prompt: str, max_new_tokens: int, variant: str | None, temperature: float, top_p: float,
-             seed: int | None, stop: tuple[str, ...], chat: bool, adapter: str | None, threads: int | None) -> None:
-    """Generate text with a decoder bundle, without torch, streaming tokens to stdout (KV cache)."""
-    from .runtime import BundleGenerator
-
-    gen = BundleGenerator(bundle, variant, threads=threads, adapter=adapter)
-    for piece in gen.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                            seed=seed, stop=list(stop), chat=chat):
-        click.echo(piece, nl=False)
-        sys.stdout.flush()
-    click.echo()
-
-
-@cli.command()
-@click.argument("path", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print as JSON on stdout.")
-def inspect(path: Path, as_json: bool) -> None:
-    """Show what an adapter folder or a bundle holds (base, task, rank, targets, variants). No torch needed."""
-    from .inspection import inspect_path
-
-    info = inspect_path(path)
-    if as_json:
-        _emit_json(info)
-        return
-    for key, value in info.items():
-        if isinstance(value, dict):
-            click.echo(f"{key}:")
-            for k, v in value.items():
-                click.echo(f"  {k}: {v}")
-        else:
-            click.echo(f"{key}: {value}")
+for _command in (keygen, verify, infer, generate, inspect):
+    cli.add_command(_command)
 
 
 def main() -> None:

@@ -7,18 +7,21 @@ past of length 0 and left-padded batches work.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import io
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import ExporterError
 from .generation import DecoderIO
-from .onnx_export import EXTERNAL_DATA_THRESHOLD, MIN_ORT_FOR_OPSET, OnnxArtifact
+from .onnx_export import (
+    EXTERNAL_DATA_THRESHOLD,
+    OnnxArtifact,
+    check_opset,
+    checked_artifact,
+    parameter_bytes,
+    torch_export,
+)
 
 
 def _cache_kwarg(model) -> str:
@@ -137,8 +140,7 @@ def export_decoder(wrapper, dio: DecoderIO, path: Path, opset: int) -> OnnxArtif
     import onnx
     import torch
 
-    if opset not in MIN_ORT_FOR_OPSET:
-        raise ExporterError(f"opset {opset} is not supported")
+    check_opset(opset)
     example, _ = decoder_example(dio)
     axes: dict[str, dict[int, str]] = {"input_ids": {0: "batch", 1: "sequence"},
                                        "attention_mask": {0: "batch", 1: "total_sequence"},
@@ -147,39 +149,25 @@ def export_decoder(wrapper, dio: DecoderIO, path: Path, opset: int) -> OnnxArtif
     axes.update({n: {0: "batch", 2: "past_sequence"} for n in dio.past_names})
     axes.update({n: {0: "batch", 2: "total_sequence"} for n in dio.present_names})
     names = set(dio.input_names) | set(dio.output_names)
-    n_bytes = sum(x.numel() * x.element_size() for x in wrapper.parameters())
     traced = path.parent / ".trace"
     traced.mkdir()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
-            warnings.simplefilter("ignore")  # TracerWarnings about shape-dependent Python branches, checked below
-            try:
-                torch.onnx.export(
-                    wrapper, tuple(example), str(traced / "model.onnx"), input_names=list(dio.input_names),
-                    output_names=list(dio.output_names), opset_version=opset, dynamo=False,
-                    dynamic_axes={k: v for k, v in axes.items() if k in names}, do_constant_folding=True,
-                )
-            except Exception as e:  # noqa: BLE001 - the exporter raises many types; name it and stop
-                raise ExporterError(f"torch.onnx.export failed: {type(e).__name__}: "
-                                    f"{str(e).splitlines()[0][:200]}") from e
+        with torch.no_grad():  # the TorchScript tracer records no autograd state
+            torch_export(wrapper, tuple(example), traced / "model.onnx", input_names=list(dio.input_names),
+                         output_names=list(dio.output_names), opset_version=opset, dynamo=False,
+                         dynamic_axes={k: v for k, v in axes.items() if k in names}, do_constant_folding=True)
         model = onnx.load(str(traced / "model.onnx"))
         retie_embeddings(model)
         for node in model.graph.node:
             del node.metadata_props[:]
-        external = n_bytes > EXTERNAL_DATA_THRESHOLD
-        if external:
+        if parameter_bytes(wrapper) > EXTERNAL_DATA_THRESHOLD:
             onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                       location=path.name + ".data")
         else:
             onnx.save(model, str(path))
     finally:
         shutil.rmtree(traced, ignore_errors=True)
-    try:
-        onnx.checker.check_model(str(path))
-    except onnx.checker.ValidationError as e:
-        raise ExporterError(f"{path.name}: the exported graph fails onnx.checker: {str(e)[:200]}") from None
-    data = path.with_name(path.name + ".data")
-    return OnnxArtifact("fp32", path, (data,) if data.exists() else (), opset, dio.input_names, dio.output_names)
+    return checked_artifact(path, opset, dio.input_names, dio.output_names)
 
 
 def retie_embeddings(model) -> int:

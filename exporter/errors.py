@@ -10,6 +10,9 @@ from __future__ import annotations
 import errno
 import os
 
+# The CLI's exit codes (docs/exit-codes.md): 130/143 are the shell's 128 + SIGINT/SIGTERM.
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARITY, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 3, 130, 143
+
 
 class ExporterError(Exception):
     """Base class: a failure the user can act on."""

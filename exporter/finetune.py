@@ -29,12 +29,9 @@ from .errors import UnsupportedError, UserInputError, require_full
 from .formats import ADAPTER_SIDECAR
 from .loading import resolve_base_name
 from .recipes import Recipe, effective_yaml
+from .tasks import get_task, is_decoder_task
 
 METRICS_FILE = "training_metrics.json"
-PEFT_TASK = {"text-classification": "SEQ_CLS", "token-classification": "TOKEN_CLS", "text-generation": "CAUSAL_LM"}
-MODEL_CLASS = {"text-classification": "AutoModelForSequenceClassification",
-               "token-classification": "AutoModelForTokenClassification",
-               "text-generation": "AutoModelForCausalLM"}
 
 
 @dataclass(frozen=True)
@@ -178,14 +175,14 @@ def lora_config(recipe: Recipe, model_type: str):
 
     from .tasks import get_arch
 
-    arch = get_arch(model_type) if recipe.task != "text-generation" else None
+    arch = get_arch(model_type) if not is_decoder_task(recipe.task) else None
     targets = recipe.lora.target_modules or (list(arch.default_lora_targets) if arch else None)
     if not targets:
         raise UserInputError(f"lora.target_modules is required for {model_type} (no default registered)")
     to_save = recipe.lora.modules_to_save
     if to_save is None and arch is not None:
         to_save = list(arch.seq_cls_modules) if recipe.task == "text-classification" else ["classifier"]
-    return LoraConfig(task_type=PEFT_TASK[recipe.task], r=recipe.lora.r, lora_alpha=recipe.lora.alpha,
+    return LoraConfig(task_type=get_task(recipe.task).peft_task_types[0], r=recipe.lora.r, lora_alpha=recipe.lora.alpha,
                       lora_dropout=recipe.lora.dropout, target_modules=targets, modules_to_save=to_save,
                       use_rslora=recipe.lora.use_rslora, use_dora=recipe.lora.use_dora)
 
@@ -227,7 +224,7 @@ def finetune(recipe: Recipe, out: Path, *, work_dir: Path | None = None, resume:
     transformers.set_seed(recipe.training.seed)
     tok = AutoTokenizer.from_pretrained(base.location, revision=base.revision,
                                         trust_remote_code=recipe.trust_remote_code)
-    if recipe.task == "text-generation" and tok.pad_token is None:
+    if is_decoder_task(recipe.task) and tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model_kwargs: dict[str, Any] = {"revision": base.revision, "trust_remote_code": recipe.trust_remote_code,
                                     "dtype": torch.float32}
@@ -237,8 +234,8 @@ def finetune(recipe: Recipe, out: Path, *, work_dir: Path | None = None, resume:
     from .stages import quiet_libraries
 
     with quiet_libraries():
-        model = getattr(transformers, MODEL_CLASS[recipe.task]).from_pretrained(base.location, **model_kwargs)
-    if recipe.task == "text-generation" and model.config.pad_token_id is None:
+        model = getattr(transformers, get_task(recipe.task).model_class).from_pretrained(base.location, **model_kwargs)
+    if is_decoder_task(recipe.task) and model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     peft_model = get_peft_model(model, lora_config(recipe, base.model_type))
     train_set = encode_rows(recipe, data.train, tok, data.labels)
@@ -298,7 +295,7 @@ def finetune(recipe: Recipe, out: Path, *, work_dir: Path | None = None, resume:
         "world_size": world, "adapter_sha256_per_rank": digests,
         "log_history": trainer.state.log_history,
     }
-    if recipe.task == "text-generation" and "loss" in metrics["eval"]:
+    if is_decoder_task(recipe.task) and "loss" in metrics["eval"]:
         metrics["eval"]["perplexity"] = math.exp(min(50.0, metrics["eval"]["loss"]))
     if trainer.is_world_process_zero():
         _publish_adapter(peft_model, recipe, data, metrics, out, overwrite)

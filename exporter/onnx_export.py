@@ -88,41 +88,60 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
 ) -> OnnxArtifact:
     """Export with dynamic batch and sequence axes; check the written file by path (works past 2 GiB)."""
-    import onnx
     import torch
 
-    if opset not in MIN_ORT_FOR_OPSET:
-        raise UnsupportedError(f"opset {opset} is not supported; use one of {sorted(MIN_ORT_FOR_OPSET)}")
+    check_opset(opset)
     input_names = tuple(example)
     output_names = tuple(o.name for o in task.outputs)
     batch = torch.export.Dim("batch")
     seq = torch.export.Dim("sequence")
     dynamic_shapes = {"args": tuple({0: batch, 1: seq} for _ in input_names)}
-    n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    external = n_bytes > EXTERNAL_DATA_THRESHOLD
     args = tuple(torch.from_numpy(a) for a in example.values())
-    # The exporter prints its own progress on stdout, which belongs to our results (--json).
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr if log.isEnabledFor(logging.DEBUG)
-                                                               else io.StringIO()):
+    torch_export(module, args, path, input_names=list(input_names), output_names=list(output_names),
+                 opset_version=opset, dynamo=True, dynamic_shapes=dynamic_shapes,
+                 external_data=parameter_bytes(module) > EXTERNAL_DATA_THRESHOLD, verbose=False)
+    return checked_artifact(path, opset, input_names, output_names)
+
+
+def check_opset(opset: int) -> None:
+    """Before any tracing: an opset onnxruntime cannot run (or we have no minimum runtime for) is refused."""
+    if opset not in MIN_ORT_FOR_OPSET:
+        raise UnsupportedError(f"opset {opset} is not supported; use one of {sorted(MIN_ORT_FOR_OPSET)}")
+
+
+def parameter_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def torch_export(module, args: tuple, path: Path, **options: Any) -> None:
+    """torch.onnx.export with its progress kept off our stdout (results, --json) and its warnings silenced
+    (TracerWarnings about shape-dependent branches: parity checks the graph); a failure is one line, while a
+    failed write (disk full, permissions) stays an OSError for the caller to name."""
+    import torch
+
+    out = sys.stderr if log.isEnabledFor(logging.DEBUG) else io.StringIO()  # noqa: SIM115 - closed with the block
+    with warnings.catch_warnings(), contextlib.redirect_stdout(out):
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(
-                module, args, str(path), input_names=list(input_names), output_names=list(output_names),
-                opset_version=opset, dynamo=True, dynamic_shapes=dynamic_shapes, external_data=external,
-                verbose=False,
-            )
+            torch.onnx.export(module, args, str(path), **options)
+        except OSError:
+            raise
         except Exception as e:  # noqa: BLE001 - the exporter raises many types; name it and stop
-            raise ExporterError(
-                f"torch.onnx.export failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            ) from e
+            raise ExporterError(f"torch.onnx.export failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+
+
+def checked_artifact(path: Path, opset: int, input_names: tuple[str, ...],
+                     output_names: tuple[str, ...]) -> OnnxArtifact:
+    """The written graph passes onnx.checker (by path: works past 2 GiB); with its external data file if any."""
+    import onnx
+
     try:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as e:
         raise ExporterError(f"{path.name}: the exported graph fails onnx.checker: {str(e)[:200]}") from None
     data = path.with_name(path.name + ".data")
-    return OnnxArtifact(
-        "fp32", path, (data,) if data.exists() else (), opset, input_names, output_names
-    )
+    return OnnxArtifact("fp32", path, (data,) if data.exists() else (), opset, tuple(input_names),
+                        tuple(output_names))
 
 
 def example_feeds(probe_feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

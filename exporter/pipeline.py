@@ -44,12 +44,12 @@ from .taskeval import PRIMARY_METRIC, TaskEvalSpec, judge, run_engine
 from .taskeval import prepare as prepare_eval
 from .tokenizer_files import (
     choose_prompts,
+    decoder_prompts,
     encoder_probes,
     eos_token_ids,
-    probe_texts,
     save_tokenizer,
 )
-from .tolerances import required_effect
+from .tolerances import required_effect, weak_adapter_warning
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +85,13 @@ def run_pipeline(spec: ExportSpec, progress: Progress | None = None) -> Report:
     check_architecture(base, spec.trust_remote_code)
     arch = get_arch(base.model_type)
     task = get_task(_choose_task(spec, adapter, base))
-    if spec.no_tokenizer and task.name == "text-generation":
+    if spec.no_tokenizer and task.is_decoder:
         raise UserInputError("--no-tokenizer is for encoder tasks; a text-generation bundle needs its tokenizer")
-    if "int4" in modes and task.name != "text-generation":
+    if "int4" in modes and "int4" not in task.quantize_modes:
         raise UserInputError("--quantize int4 is for text-generation models; use int8 or fp16 for encoders")
     check_tolerances(task.name, modes, spec.tolerances)
     check_free_space(base, modes, out)
-    build = _build_decoder if task.name == "text-generation" else _build
+    build = _build_decoder if task.is_decoder else _build
 
     def hint(report: dict[str, Any]) -> str:
         failed = [v for v, r in report["variants"].items() if not r["passed"]]
@@ -152,7 +152,7 @@ def _run_swappable(spec: ExportSpec, modes: tuple[str, ...], stages: Stages, out
         raise MismatchError("the adapters are for different tasks (" + ", ".join(f"{n}: {t}" for n, t in tasks.items())
                             + "); one bundle serves one task")
     task = get_task(next(iter(tasks.values())))
-    if "int4" in modes and task.name != "text-generation":
+    if "int4" in modes and "int4" not in task.quantize_modes:
         raise UserInputError("--quantize int4 is for text-generation models; use int8 or fp16 for encoders")
     check_tolerances(task.name, modes, spec.tolerances)
     check_free_space(base, modes, out)
@@ -186,23 +186,16 @@ def _score_variants(staging: Path, artifacts: dict, eval_set, torch_metrics: dic
 
 
 def _choose_task(spec: ExportSpec, adapter, base) -> str:
-    from .tasks import TASKS, task_from_peft
+    from .tasks import TASKS, task_from_architectures, task_from_peft
 
     if spec.task:
         return spec.task
     from_adapter = task_from_peft(adapter.task_type)
     if from_adapter:
         return from_adapter
-    archs = base.config.get("architectures") or []
-    for a in archs:
-        if a.endswith(("ForCausalLM", "LMHeadModel")):
-            return "text-generation"
-        if a.endswith("ForSequenceClassification"):
-            return "text-classification"
-        if a.endswith("ForTokenClassification"):
-            return "token-classification"
-    if archs and all(a.endswith("Model") for a in archs):
-        return "feature-extraction"
+    from_base = task_from_architectures(list(base.config.get("architectures") or []))
+    if from_base:
+        return from_base
     raise UserInputError(
         f"cannot tell the task from the adapter (task_type {adapter.task_type}) or the base; pass --task "
         f"({', '.join(sorted(TASKS))})"
@@ -266,12 +259,9 @@ def _build(spec, modes, stages: Stages, adapter, base, arch, task, staging: Path
     masks = [f["attention_mask"] for f in probes.feeds]
     effect = adapter_effect(reference, base_out, masks, infos)
     required = required_effect([a for r in reference for a in r.values()])
-    meaningful = max(effect.values()) >= required
-    if not meaningful:
-        warnings.append(
-            f"the adapter barely changes the model (max |merged - base| {max(effect.values()):.2g} < {required:g}); "
-            "parity cannot show the adapter survived export (an untrained or zero-initialised adapter?)"
-        )
+    weak = weak_adapter_warning(max(effect.values()), required)
+    meaningful = weak is None
+    warnings += [weak] if weak else []
     fp32 = stages.run("export", "exporting to ONNX (fp32)", export_onnx, wrapper,
                       example_feeds(probes.feeds[-1]), staging / "model.onnx", task, spec.opset)
     merged.config.to_json_file(str(staging / "config.json"))
@@ -313,18 +303,13 @@ def _build_decoder(spec, modes, stages: Stages, adapter, base, arch, task, stagi
     from .decoder import conv1d_to_linear, decoder_io, export_decoder, make_decoder_wrapper, torch_step
     from .generation import prefill_feeds, run_arrays
     from .merge import apply_adapter, load_base_model, merge
-    from .probes import GREEDY_TOKENS, encode, load_tokenizer, save_arrays
+    from .probes import GREEDY_TOKENS, save_arrays
     from .verify import evaluate_variants
 
     warnings: list[str] = []
     tok, pad_source = stages.run("tokenizer", "saving tokenizer", save_tokenizer, base, adapter, staging,
                                  spec.trust_remote_code)
-    positions = base.config.get("max_position_embeddings") or base.config.get("n_positions") or spec.max_length
-    max_length = min(spec.max_length, positions)
-    fast_tok = load_tokenizer(staging / "tokenizer.json", max_length, tok.pad_token_id, tok.pad_token, "left")
-    names = ("input_ids", "attention_mask")
-    prompts = probe_texts(spec, fast_tok, "decoder", warnings)
-    singles = [encode(fast_tok, [p], names) for p in prompts.texts]
+    positions, max_length, fast_tok, names, prompts, singles = decoder_prompts(spec, base, tok, staging, warnings)
 
     def build_torch():
         import torch
@@ -358,10 +343,9 @@ def _build_decoder(spec, modes, stages: Stages, adapter, base, arch, task, stagi
     merged_singles = [runs[k].prefill_logits for k in range(len(chosen))]
     effect = {"logits": float(max(np.abs(m - base_logits[i]).max() for m, i in zip(merged_singles, chosen)))}
     required = required_effect(merged_singles)
-    meaningful = effect["logits"] >= required
-    if not meaningful:
-        warnings.append(f"the adapter barely changes the model (max |merged - base| {effect['logits']:.2g} < "
-                        f"{required:g}); parity cannot show the adapter survived export")
+    weak = weak_adapter_warning(effect["logits"], required)
+    meaningful = weak is None
+    warnings += [weak] if weak else []
     min_margin = float(min(r.margins.min() for r in runs))
     fp32 = stages.run("export", "exporting to ONNX with KV cache (fp32)", export_decoder, wrapper, dio,
                       staging / "model.onnx", spec.opset)

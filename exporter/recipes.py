@@ -14,8 +14,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import UserInputError
+from .tasks import TASK_NAMES, get_task
 
-Task = Literal["text-classification", "token-classification", "feature-extraction", "text-generation"]
+Task = Literal[TASK_NAMES]  # type: ignore[valid-type]  # the registry's names (exporter/tasks.py)
 QuantizeMode = Literal["int8", "int4", "fp16", "none"]
 
 
@@ -93,7 +94,7 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _labels_only_for_classification(self) -> Recipe:
-        if self.data.labels is not None and self.task in ("feature-extraction", "text-generation"):
+        if self.data.labels is not None and not get_task(self.task).has_labels:
             raise ValueError(f"data.labels does not apply to task {self.task}")
         return self
 

@@ -15,6 +15,7 @@ from .report import Report
 from .spec import ExportSpec, normalize_modes
 from .stages import Progress, Stages
 from .taskeval import TaskEvalSpec
+from .tasks import is_decoder_task
 
 
 def run_recipe(recipe, out: Path, *, overwrite: bool = False, quiet: bool = False,
@@ -37,7 +38,7 @@ def run_recipe(recipe, out: Path, *, overwrite: bool = False, quiet: bool = Fals
     if recipe.task in ("text-classification", "token-classification"):
         task_eval = TaskEvalSpec(tuple(data.eval), recipe.data.text_column, recipe.data.label_column,
                                  recipe.tolerances.max_metric_drop)
-    elif recipe.task == "text-generation":
+    elif is_decoder_task(recipe.task):
         task_eval = TaskEvalSpec(tuple(data.eval), recipe.data.prompt_column, recipe.data.response_column,
                                  recipe.tolerances.max_metric_drop, recipe.training.max_length)
     spec = ExportSpec(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .formats import SCHEMA_VERSION
+from .tasks import TASKS
 from .tolerances import THRESHOLDS
 
 _THRESHOLDS = {
@@ -131,6 +132,9 @@ _ADAPTERS_SECTION = {
                       "(untrained_base_tensors, e.g. a classification head): quantized variants then gate only "
                       "the adapters"},
         "untrained_base_tensors": {"type": "array", "items": {"type": "string"}},
+        "switch_atol": {"type": "number", "minimum": 0, "maximum": 1e-3,
+                        "description": "switching gate: re-running a configuration after the others may move an "
+                        "output by at most this (bundles before it was recorded: the tool's default, 1e-6)"},
         "graph_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$",
                          "description": "sha256 of the fp32 graph; every adapter records the graph it was made for"},
         "interface": {
@@ -213,7 +217,7 @@ _TASK_METRICS = {
     },
 }
 
-TASK_NAMES = ["text-classification", "token-classification", "feature-extraction", "text-generation"]
+TASK_NAMES = list(TASKS)
 VARIANT_NAMES = ["fp32", "int8", "fp16", "int4"]
 
 _CPU = {

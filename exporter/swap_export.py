@@ -6,9 +6,6 @@ every LoRA A/B matrix and every replaceable whole tensor, so they become graph i
 
 from __future__ import annotations
 
-import contextlib
-import io
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +13,14 @@ from typing import Any
 import numpy as np
 
 from .errors import ExporterError, MismatchError, UnsupportedError
-from .onnx_export import EXTERNAL_DATA_THRESHOLD, MIN_ORT_FOR_OPSET, OnnxArtifact
+from .onnx_export import (
+    EXTERNAL_DATA_THRESHOLD,
+    OnnxArtifact,
+    check_opset,
+    checked_artifact,
+    parameter_bytes,
+    torch_export,
+)
 from .swappable import LORA_KINDS, Interface, lora_input
 
 # Rank of the example tensors traced at export: >= 2, because torch.export specialises a dimension seen at 1.
@@ -195,35 +199,21 @@ def export_swappable(wrapper, model, interface: Interface, base_args: list, base
                      input_names: tuple[str, ...], output_names: tuple[str, ...], path: Path, opset: int) -> OnnxArtifact:
     """Trace and export; the LoRA/whole inputs have no defaults yet (quantize first, then ``add_defaults``)."""
     import onnx
-    import torch
 
-    if opset not in MIN_ORT_FOR_OPSET:
-        raise UnsupportedError(f"opset {opset} is not supported; use one of {sorted(MIN_ORT_FOR_OPSET)}")
+    check_opset(opset)
     extra, extra_shapes = example_tensors(model, interface)
     names = [*input_names, *interface.input_names]
-    n_bytes = sum(p.numel() * p.element_size() for p in wrapper.parameters())
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(
-                wrapper, (*base_args, *extra), str(path), input_names=names, output_names=list(output_names),
-                opset_version=opset, dynamo=True, dynamic_shapes={"args": (*base_shapes, *extra_shapes)},
-                external_data=n_bytes > EXTERNAL_DATA_THRESHOLD, verbose=False,
-            )
-        except Exception as e:  # noqa: BLE001 - the exporter raises many types; name it and stop
-            raise ExporterError(f"torch.onnx.export failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
-    try:
-        onnx.checker.check_model(str(path))
-    except onnx.checker.ValidationError as e:
-        raise ExporterError(f"{path.name}: the exported graph fails onnx.checker: {str(e)[:200]}") from None
+    torch_export(wrapper, (*base_args, *extra), path, input_names=names, output_names=list(output_names),
+                 opset_version=opset, dynamo=True, dynamic_shapes={"args": (*base_shapes, *extra_shapes)},
+                 external_data=parameter_bytes(wrapper) > EXTERNAL_DATA_THRESHOLD, verbose=False)
+    art = checked_artifact(path, opset, tuple(names), tuple(output_names))
     graph_inputs = [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
     lost = [n for n in names if n not in graph_inputs]
     if lost:
         # An input the tracer found unused is dropped: that module does not reach the outputs.
         raise UnsupportedError(f"{lost[0]}: the exported graph does not use it (the module does not affect the "
                                "task's outputs); remove it from the adapter's targets")
-    data = path.with_name(path.name + ".data")
-    return OnnxArtifact("fp32", path, (data,) if data.exists() else (), opset, tuple(names), tuple(output_names))
+    return art
 
 
 def base_defaults(model, interface: Interface) -> dict[str, np.ndarray]:

@@ -14,13 +14,12 @@ from typing import Any
 import numpy as np
 
 from .datasets import accuracy_f1, entity_f1
+from .tasks import TASKS, is_decoder_task
 
 BATCH = 32
 # Decoders score every response token of every row; their logits are (batch, sequence, vocab), so smaller batches.
 DECODER_BATCH = 8
-# text-generation: teacher-forced top-1 accuracy of the reference response tokens (perplexity is reported too).
-PRIMARY_METRIC = {"text-classification": "accuracy", "token-classification": "entity_f1",
-                  "text-generation": "token_accuracy"}
+PRIMARY_METRIC = {name: spec.metric for name, spec in TASKS.items() if spec.metric}
 
 
 @dataclass(frozen=True)
@@ -136,11 +135,11 @@ class Scored:
     correct: np.ndarray
 
 
-UNITS = {"text-classification": "sentences", "token-classification": "words", "text-generation": "response tokens"}
+UNITS = {name: spec.metric_units for name, spec in TASKS.items() if spec.metric_units}
 
 
 def score(ev: EvalSet, logits: list[np.ndarray]) -> Scored:
-    if ev.task == "text-generation":
+    if is_decoder_task(ev.task):
         return score_decoder(ev, logits)
     if ev.task == "text-classification":
         pred = np.concatenate([x.argmax(-1) for x in logits])

@@ -27,6 +27,23 @@ class TaskSpec:
     peft_task_types: tuple[str, ...]
     outputs: tuple[OutputSpec, ...]
     has_labels: bool
+    # "encoder" (one forward pass per batch) or "decoder" (KV-cache generation): what export, verify and the
+    # runtime do differ per family, and every module asks this field rather than compare task names.
+    family: str = "encoder"
+    # The task-level metric of `run` (taskeval.py) and what it counts; None where there is none.
+    metric: str | None = None
+    metric_units: str | None = None
+    # How a base's config.json "architectures" names a model of this task (the task when nothing else says).
+    architecture_suffixes: tuple[str, ...] = ()
+
+    @property
+    def is_decoder(self) -> bool:
+        return self.family == "decoder"
+
+    @property
+    def quantize_modes(self) -> tuple[str, ...]:
+        """int4 is weight-only MatMulNBits, built for decoders' large matmuls."""
+        return ("int8", "int4", "fp16") if self.is_decoder else ("int8", "fp16")
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -36,6 +53,9 @@ TASKS: dict[str, TaskSpec] = {
         peft_task_types=("SEQ_CLS",),
         outputs=(OutputSpec("logits", ("batch", "num_labels"), True),),
         has_labels=True,
+        metric="accuracy",
+        metric_units="sentences",
+        architecture_suffixes=("ForSequenceClassification",),
     ),
     "token-classification": TaskSpec(
         name="token-classification",
@@ -43,6 +63,9 @@ TASKS: dict[str, TaskSpec] = {
         peft_task_types=("TOKEN_CLS",),
         outputs=(OutputSpec("logits", ("batch", "sequence", "num_labels"), True),),
         has_labels=True,
+        metric="entity_f1",
+        metric_units="words",
+        architecture_suffixes=("ForTokenClassification",),
     ),
     "feature-extraction": TaskSpec(
         name="feature-extraction",
@@ -104,6 +127,11 @@ TEXT_GENERATION = TaskSpec(
     peft_task_types=("CAUSAL_LM",),
     outputs=(OutputSpec("logits", ("batch", "sequence", "vocab"), True),),
     has_labels=False,
+    family="decoder",
+    # teacher-forced top-1 accuracy of the reference response tokens (perplexity is reported too)
+    metric="token_accuracy",
+    metric_units="response tokens",
+    architecture_suffixes=("ForCausalLM", "LMHeadModel"),
 )
 TASKS["text-generation"] = TEXT_GENERATION
 
@@ -129,6 +157,24 @@ PEFT_TASK_TYPES = {t: spec.name for spec in TASKS.values() for t in spec.peft_ta
 
 # Decoder tasks arrive with decoder export; name them so the error says "not yet" rather than "unknown".
 _LATER_TASK_TYPES = {"SEQ_2_SEQ_LM": "text2text-generation"}
+
+
+TASK_NAMES = tuple(TASKS)
+
+
+def is_decoder_task(name: str) -> bool:
+    return get_task(name).is_decoder
+
+
+def task_from_architectures(archs: list[str]) -> str | None:
+    """The task a base's config names (``architectures``); a bare ``...Model`` is feature extraction."""
+    for a in archs:
+        for spec in TASKS.values():
+            if a.endswith(spec.architecture_suffixes or ("\0",)):
+                return spec.name
+    if archs and all(a.endswith("Model") for a in archs):
+        return "feature-extraction"
+    return None
 
 
 def get_task(name: str) -> TaskSpec:

@@ -4,7 +4,7 @@ belongs to the model, its chat template, end-of-sequence ids, and the probe text
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import UserInputError
 from .probes import MIN_VOCAB
@@ -138,3 +138,25 @@ def choose_prompts(step, dio, fast_tok, names: tuple[str, ...], prompts, singles
     runs = [alone[i] for i in chosen] + [greedy(step, dio, feeds[-1]["input_ids"], feeds[-1]["attention_mask"],
                                                 GREEDY_TOKENS)]
     return chosen, batches, feeds, runs
+
+
+class DecoderPrompts(NamedTuple):
+    positions: int  # the model's position table, which bounds max_length
+    max_length: int
+    fast_tok: Any  # the bundle's tokenizer.json, truncating at max_length and padding left (as generate does)
+    names: tuple[str, ...]
+    prompts: Any  # ProbeTexts: the built-in or the user's prompts
+    singles: list[dict[str, Any]]  # each prompt tokenized alone
+
+
+def decoder_prompts(spec: ExportSpec, base, tok, staging: Path, warnings: list[str]) -> DecoderPrompts:
+    """A decoder's probe prompts, tokenized by the bundle's own tokenizer.json (merged and swappable exports)."""
+    from .probes import encode, load_tokenizer
+
+    positions = base.config.get("max_position_embeddings") or base.config.get("n_positions") or spec.max_length
+    max_length = min(spec.max_length, positions)
+    fast_tok = load_tokenizer(staging / "tokenizer.json", max_length, tok.pad_token_id, tok.pad_token, "left")
+    names = ("input_ids", "attention_mask")
+    prompts = probe_texts(spec, fast_tok, "decoder", warnings)
+    return DecoderPrompts(positions, max_length, fast_tok, names, prompts,
+                          [encode(fast_tok, [p], names) for p in prompts.texts])

@@ -8,6 +8,8 @@ every gate's false rejects (a good set of real-model variants) and false accepts
 
 from __future__ import annotations
 
+from .tasks import TASKS
+
 # fp32 ONNX vs PyTorch, elementwise on every output: |ort - torch| <= FP32_ATOL + FP32_RTOL * |torch|.
 # transformers 5.x + torch.onnx.export measured <= 3e-6 max abs diff on BERT-family encoders and
 # MiniLM-L6 with a merged LoRA measured 7e-8; 1e-4 leaves ~30x headroom for other CPUs/thread counts
@@ -59,6 +61,15 @@ def fp32_atol(rms: float, thresholds: dict | None = None) -> float:
     """The absolute fp32 tolerance for outputs of this rms (see FP32_ATOL_RMS)."""
     t = thresholds or {"atol": FP32_ATOL, "atol_rms": FP32_ATOL_RMS}
     return max(t["atol"], t.get("atol_rms", 0.0) * rms)
+
+
+def weak_adapter_warning(effect: float, required: float, name: str | None = None) -> str | None:
+    """The report's warning when an adapter's effect is below what the fp32 gate can tell from noise."""
+    if effect >= required:
+        return None
+    who = f"adapter {name}" if name else "the adapter"
+    return (f"{who} barely changes the model (max |merged - base| {effect:.2g} < {required:g}); parity cannot "
+            "show it survived export (an untrained or zero-initialised adapter?)")
 
 
 def required_effect(arrays) -> float:
@@ -165,7 +176,7 @@ NEIGHBOUR_CLEAR_MARGIN = 0.01
 
 def gate_for(task: str, variant: str) -> dict[str, float]:
     """The default gate of one variant of a task (decoders: text-generation)."""
-    if task == "text-generation":
+    if task in TASKS and TASKS[task].is_decoder:
         return decoder_thresholds_for(variant)
     return thresholds_for(variant, task)
 

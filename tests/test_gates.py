@@ -223,7 +223,7 @@ def _scale_classifier(path, factor):
 def test_verify_probe_texts_bad_file_is_one_line(factory, tmp_path):
     out, _ = factory.bundle("bert", "text-classification")
     r = CliRunner().invoke(cli, ["verify", str(out), "--probe-texts", str(tmp_path / "missing.txt")])
-    assert r.exit_code == 1 and "missing.txt: not found" in r.stderr and "Traceback" not in r.output
+    assert r.exit_code == 1 and "missing.txt: probe file not found" in r.stderr and "Traceback" not in r.output
 
 
 V1 = Path(__file__).parent / "data" / "bundle-v1"
