@@ -94,3 +94,14 @@ def factory(tmp_path_factory):
             return cache[key]
 
     return Factory()
+
+
+@pytest.fixture()
+def bundle(factory, tmp_path):
+    """A private copy of the tiny bert classifier bundle, free to damage."""
+    import shutil
+
+    out, _ = factory.bundle("bert", "text-classification")
+    b = tmp_path / "b"
+    shutil.copytree(out, b)
+    return b

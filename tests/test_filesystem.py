@@ -73,14 +73,6 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", str(point)], capture_output=True)
 
 
-@pytest.fixture()
-def bundle(factory, tmp_path):
-    out, _ = factory.bundle("bert", "text-classification")
-    b = tmp_path / "b"
-    shutil.copytree(out, b)
-    return b
-
-
 def test_an_unwritable_output_folder_is_refused_before_any_work(factory, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
