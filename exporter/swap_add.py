@@ -98,8 +98,9 @@ def _add_locked(root: Path, adapter_path: Path, name: str, base: str | None, all
         raise UserInputError(f"{root}: this bundle has merged weights, no swappable adapters; re-export it with "
                              "--keep-adapters to add adapters later")
     problems = check_integrity(root, manifest)
-    if not problems and (manifest.get("tokenizer") or {}).get("file"):
-        problems = check_tokenizer(root, manifest)  # the stored probe ids are what its tokenizer makes
+    reference = load_reference(root, manifest) if not problems else None
+    if reference and (manifest.get("tokenizer") or {}).get("file"):
+        problems = check_tokenizer(root, manifest, reference)  # the stored probe ids are what its tokenizer makes
     if problems:
         raise BundleError(f"{root}: the bundle fails its integrity check ({problems[0]}); re-export it before "
                           "adding adapters")
@@ -122,7 +123,7 @@ def _add_locked(root: Path, adapter_path: Path, name: str, base: str | None, all
     if adapter_task and adapter_task != task.name:
         raise MismatchError(f"adapter {name} is a {adapter_task} adapter, this bundle is {task.name}")
     interface = Interface.from_json(section["interface"])
-    probes, inputs, base_reference = load_reference(root, manifest)
+    probes, inputs, base_reference = reference
     if task.is_decoder:
         dio = DecoderIO.from_json(manifest["decoder"])
         family: Any = SwapDecoder(dio, inputs, int(probes["max_new_tokens"]))

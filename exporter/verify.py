@@ -249,9 +249,10 @@ def check_on_texts(root: Path, manifest: dict[str, Any], texts: tuple[str, ...],
     return {"count": len(texts), "reference": "fp32", "variants": results}
 
 
-def check_tokenizer(root: Path, manifest: dict[str, Any]) -> list[str]:
-    """Re-tokenize the stored probe texts; the ids must equal the stored ones, or inference would drift."""
-    probes, inputs, _ = load_reference(root, manifest)
+def check_tokenizer(root: Path, manifest: dict[str, Any], reference: tuple | None = None) -> list[str]:
+    """Re-tokenize the stored probe texts; the ids must equal the stored ones, or inference would drift.
+    ``reference``: load_reference's result, when the caller has it already."""
+    probes, inputs, _ = reference or load_reference(root, manifest)
     tok = bundle_tokenizer(root, manifest)
     names = text_input_names(manifest)
     for i, batch in enumerate(probes["batches"]):
