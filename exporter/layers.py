@@ -20,11 +20,11 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "device": (
         "__init__", "errors", "formats", "validate", "tolerances", "tasks", "cpu", "interrupts", "probes",
         "parity", "generation", "bundle", "schema", "signing", "swappable", "runtime", "plot", "report",
-        "reference", "verify", "inspection", "layers",
+        "reference", "runners", "verify", "inspection", "layers",
     ),
     "build": (
         "loading", "embedded", "merge", "onnx_export", "decoder", "swap_export", "quantize", "weightonly",
-        "datasets", "taskeval", "spec", "stages", "staging", "tokenizer_files", "manifest", "pipeline",
+        "datasets", "taskeval", "spec", "stages", "staging", "tokenizer_files", "families", "manifest", "pipeline",
         "swap_build", "swap_add",
     ),
     "train": ("recipes", "finetune", "run"),

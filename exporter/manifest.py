@@ -1,5 +1,6 @@
-"""Writing a bundle's manifest (build side): the fields every family shares, each family's own, the
-variants' entries, and the last step that hashes the staging folder, writes the report and signs it.
+"""Writing a bundle's manifest (build side): the fields every family shares (each family's own are its
+builder's, in families.py), the variants' entries, and the last step that hashes the staging folder, writes the
+report and signs it.
 
 Reading a manifest is the device side's job (bundle.read_manifest, against schema.py).
 """
@@ -22,11 +23,11 @@ from .bundle import (
     write_manifest,
 )
 from .cpu import cpu_features
+from .families import BuildContext
 from .onnx_export import MIN_ORT_FOR_OPSET
-from .report import write_report
+from .report import Report, new_report, write_report
 from .spec import ExportSpec
-from .stages import Stages
-from .tokenizer_files import check_chat_template
+from .tasks import TaskSpec
 
 
 def versions() -> dict[str, str]:
@@ -45,47 +46,6 @@ def versions() -> dict[str, str]:
     }
 
 
-def encoder_fields(task, names: tuple[str, ...], labels, pooling, tok, max_length: int,
-                    pad_source: str | None) -> dict[str, Any]:
-    """The manifest's description of an encoder graph: labels, inputs, outputs, pooling, tokenizer."""
-    return {
-        "labels": list(labels) if labels else None,
-        "inputs": [{"name": n, "dtype": "int64", "axes": ["batch", "sequence"]} for n in names],
-        "outputs": [{"name": o.name, "dtype": "float32", "axes": list(o.axes), "is_logits": o.is_logits}
-                    for o in task.outputs],
-        "pooling": pooling,
-        "tokenizer": None if tok is None else {"file": "tokenizer.json", "max_length": max_length,
-                                               "pad_id": tok.pad_token_id, "pad_token": tok.pad_token,
-                                               "pad_source": pad_source},
-    }
-
-
-def decoder_fields(dio, tok, max_length: int, positions: int, eos_ids: list[int],
-                    pad_source: str) -> dict[str, Any]:
-    """The manifest's description of a KV-cache decoder graph and what generate needs."""
-    chat_template = getattr(tok, "chat_template", None)
-    if isinstance(chat_template, str):
-        check_chat_template(chat_template, tok)
-    return {
-        "family": "decoder",
-        "labels": None,
-        "decoder": dio.to_json(),
-        "inputs": [{"name": n, "dtype": "float32" if n.startswith("past") else "int64",
-                    "axes": (["batch", "num_kv_heads", "past_sequence", "head_dim"] if n.startswith("past") else
-                             ["batch", "total_sequence"] if n == "attention_mask" else ["batch", "sequence"])}
-                   for n in dio.input_names],
-        "outputs": [{"name": n, "dtype": "float32", "is_logits": n == "logits",
-                     "axes": ["batch", "sequence", "vocab"] if n == "logits" else
-                     ["batch", "num_kv_heads", "total_sequence", "head_dim"]} for n in dio.output_names],
-        "pooling": None,
-        "tokenizer": {"file": "tokenizer.json", "max_length": max_length, "pad_id": tok.pad_token_id,
-                      "pad_token": tok.pad_token, "pad_source": pad_source, "padding_side": "left"},
-        "generation": {"eos_token_ids": eos_ids, "context_length": int(positions),
-                       "chat_template": chat_template if isinstance(chat_template, str) else None,
-                       "bos_token": tok.bos_token, "eos_token": tok.eos_token},
-    }
-
-
 def manifest_head(spec: ExportSpec, task, base, adapter, num_parameters: int) -> dict[str, Any]:
     """The manifest fields every family shares, first."""
     return {
@@ -101,14 +61,14 @@ def manifest_head(spec: ExportSpec, task, base, adapter, num_parameters: int) ->
     }
 
 
-def manifest_tail(spec: ExportSpec, artifacts: dict, task: str, effect: dict,
-                   required: float, meaningful: bool, decoder: bool, base_reference: bool = False) -> dict[str, Any]:
+def manifest_tail(spec: ExportSpec, artifacts: dict, task: TaskSpec, effect: dict,
+                   required: float, meaningful: bool, base_reference: bool = False) -> dict[str, Any]:
     """The manifest fields every family shares, last: reference files (``base_reference``: the base model's
     outputs too), variants and their gates."""
     return {
         "reference": {"probes": PROBES_JSON, "inputs": INPUTS_NPZ, "outputs": OUTPUTS_NPZ,
                       **({"base_outputs": BASE_OUTPUTS_NPZ} if base_reference else {})},
-        "variants": variant_entries(artifacts, task, spec, decoder),
+        "variants": variant_entries(artifacts, task, spec),
         "adapter_effect": {"max_abs_diff": effect, "required_min": required, "meaningful": meaningful},
         "spec": spec.recorded(),
         "versions": versions(),
@@ -117,7 +77,7 @@ def manifest_tail(spec: ExportSpec, artifacts: dict, task: str, effect: dict,
     }
 
 
-def variant_entries(artifacts: dict, task: str, spec: ExportSpec, decoder: bool) -> dict[str, Any]:
+def variant_entries(artifacts: dict, task: TaskSpec, spec: ExportSpec) -> dict[str, Any]:
     """The manifest's variants: files, what each holds, and the gate verify must re-apply (the defaults with
     the user's --tolerance overrides, which are recorded beside them)."""
     from .quantize import variant_dtype
@@ -125,9 +85,9 @@ def variant_entries(artifacts: dict, task: str, spec: ExportSpec, decoder: bool)
 
     entries = {}
     for name, a in artifacts.items():
-        thresholds, overridden = effective_gate(task, name, spec.tolerances)
+        thresholds, overridden = effective_gate(task.name, name, spec.tolerances)
         entries[name] = {"file": a.path.name, "data_files": [d.name for d in a.data_files],
-                         "dtype": variant_dtype(name, decoder=decoder, block_size=spec.int4_block_size,
+                         "dtype": variant_dtype(name, decoder=task.is_decoder, block_size=spec.int4_block_size,
                                                 int4_embedding=spec.int4_embedding),
                          "thresholds": thresholds, **({"user_tolerances": overridden} if overridden else {})}
     return entries
@@ -142,41 +102,26 @@ def copy_base_docs(base, staging: Path) -> None:
         shutil.copyfile(f, staging / "base_model" / f.name)
 
 
-def finish(staging: Path, spec, modes, manifest: dict[str, Any], results: dict, warnings: list[str],
-            stages: Stages, task, artifacts: dict, task_metrics: dict | None, adapter=None,
-            extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def finish(ctx: BuildContext, manifest: dict[str, Any], results: dict, warnings: list[str], artifacts: dict,
+           task_metrics: dict | None, extra: dict[str, Any] | None = None) -> Report:
     """Verdicts into the manifest, the Report into parity.json/parity.md, hashes last."""
-    passed = all(r["passed"] for r in results.values())
+    spec, staging = ctx.spec, ctx.staging
     for name, r in results.items():
         manifest["variants"][name]["passed"] = r["passed"]
-    passing_quantized = [m for m in modes if results[m]["passed"]]
+    passing_quantized = [m for m in ctx.modes if results[m]["passed"]]
     manifest["default_variant"] = passing_quantized[0] if passing_quantized else "fp32"
-    report = {
-        "schema_version": SCHEMA_VERSION,
-        "command": "export",
-        "tool_version": __version__,
-        "passed": passed,
-        "bundle": Path(spec.out).name,  # the folder name only: no machine path in the bundle
-        "task": task.name,
-        "base": manifest["base"],
-        "adapter": manifest["adapter"],
-        "labels": manifest["labels"],
-        "integrity": {"passed": True, "problems": []},
-        "variants": results,
-        "adapter_effect": manifest["adapter_effect"],
-        "warnings": warnings,
-        "timings": stages.timings,
-        "task_metrics": task_metrics,
-        "training": spec.training,
-        "sizes": {name: sum((staging / f).stat().st_size for f in [a.path.name, *[d.name for d in a.data_files]])
-                  for name, a in artifacts.items()},
-        **(extra or {}),
-    }
+    report = new_report("export", manifest, results, Path(spec.out).name,  # the folder name: no machine path
+                        warnings=warnings, timings=ctx.stages.timings, task_metrics=task_metrics,
+                        training=spec.training,
+                        sizes={name: sum((staging / f).stat().st_size
+                                         for f in [a.path.name, *[d.name for d in a.data_files]])
+                               for name, a in artifacts.items()},
+                        **(extra or {}))
     manifest["task_metrics"] = task_metrics
     if spec.recipe_yaml:
         (staging / "recipe.yaml").write_text(spec.recipe_yaml, encoding="utf-8")
     if spec.include_adapter:
-        shutil.copytree(adapter.path, staging / "adapter")
+        shutil.copytree(ctx.adapter.path, staging / "adapter")
     write_report(staging, report)
     manifest["files"] = file_hashes(staging)
     write_manifest(staging, manifest)

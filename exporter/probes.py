@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BundleError, FileSystemError, TamperedBundleError
+from .tasks import FAMILIES
 
 # Short, medium and long texts; the long one is truncated at max_length. Batches mix lengths so padding
 # is exercised, and batch 1 runs each of a few texts alone (no padding at all).
@@ -57,8 +58,6 @@ MAX_UNK_SHARE = 0.5
 # A vocabulary with fewer entries than this is broken (transformers 5 builds an empty one when a base ships
 # no tokenizer files), whatever its language.
 MIN_VOCAB = 16
-# User probe files (export --probe-texts): at most this many texts (encoders) or prompts (decoders) are used.
-MAX_USER_PROBES = {"encoder": 64, "decoder": 16}
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ def select_probe_texts(tok, family: str, user: tuple[str, ...] | None, warnings:
     """
     from .errors import UserInputError
 
-    defaults = PROBE_TEXTS if family == "encoder" else PROBE_PROMPTS
+    defaults = PROBE_PROMPTS if FAMILIES[family].is_decoder else PROBE_TEXTS
     share = unk_share(tok, defaults)
     if user is not None:
         return ProbeTexts(tuple(user), "user", share)

@@ -14,6 +14,7 @@ from .bundle import INPUTS_NPZ, OUTPUTS_NPZ, PROBES_JSON, member_problem
 from .errors import TamperedBundleError
 from .probes import load_arrays
 from .runtime import output_infos, text_input_names
+from .tasks import family_of
 
 
 def probes_problem(probes: Any, decoder: bool = False, tokenizer: bool = False) -> str | None:
@@ -52,7 +53,7 @@ def load_reference(root: Path, manifest: dict[str, Any]
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
         raise TamperedBundleError(f"{root / PROBES_JSON}: cannot read probes ({str(e)[:80]}); re-export the "
                                   "bundle") from None
-    problem = probes_problem(probes, manifest.get("family") == "decoder",
+    problem = probes_problem(probes, family_of(manifest).is_decoder,
                              bool((manifest.get("tokenizer") or {}).get("file")))
     if problem:
         raise TamperedBundleError(f"{root / PROBES_JSON}: {problem}; the bundle is damaged or tampered with")
@@ -83,7 +84,7 @@ def expected_outputs(manifest: dict[str, Any], probes: dict, inputs: list[dict[s
     out: Expected = []
     for b, feeds in zip(probes["batches"], inputs):
         n, seq = len(b), feeds["input_ids"].shape[1]
-        if manifest.get("family") == "decoder":
+        if family_of(manifest).is_decoder:
             k = int(probes["max_new_tokens"])
             want = {"logits": ("f", (n, seq, None)), "tokens": ("iu", (n, k)), "margins": ("f", (n, k))}
         else:

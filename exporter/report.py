@@ -12,6 +12,32 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
+def new_report(command: str, manifest: dict[str, Any], variants: dict[str, Any], bundle: str, *,
+               passed: bool | None = None, problems: list[str] | None = None, warnings: list[str] | None = None,
+               **fields: Any) -> Report:
+    """The one report shape export, run, add-adapter and verify return (REPORT_SCHEMA): what the manifest says
+    of the bundle, each variant's result, and the command's own ``fields``."""
+    from . import __version__
+
+    problems = list(problems or [])
+    return Report({
+        "schema_version": manifest["schema_version"],
+        "command": command,
+        "tool_version": __version__,
+        "passed": (not problems and all(r["passed"] for r in variants.values())) if passed is None else passed,
+        "bundle": bundle,
+        "task": manifest["task"],
+        "base": manifest["base"],
+        "adapter": manifest["adapter"],
+        "labels": manifest.get("labels"),
+        "integrity": {"passed": not problems, "problems": problems},
+        "variants": variants,
+        "adapter_effect": manifest.get("adapter_effect"),
+        "warnings": list(warnings or []),
+        **fields,
+    })
+
+
 def write_report(root: Path, report: dict[str, Any]) -> None:
     """parity.json, parity.md and, when matplotlib is installed, the error plot beside them."""
     from .bundle import PARITY_JSON, PARITY_MD, write_json

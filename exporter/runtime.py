@@ -17,6 +17,7 @@ from .bundle import member_problem, read_manifest
 from .errors import BundleError, FileSystemError, TamperedBundleError, UsageError, UserInputError
 from .parity import OutputInfo
 from .probes import encode, load_tokenizer
+from .tasks import family_of
 
 
 def check_threads(threads: int | None) -> None:
@@ -234,7 +235,7 @@ class BundleGenerator:
 
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
-        if self.manifest.get("family") != "decoder":
+        if not family_of(self.manifest).is_decoder:
             raise UserInputError(f"{self.root}: a {self.manifest['task']} bundle cannot generate text; use infer")
         variants = self.manifest["variants"]
         self.variant = variant or self.manifest.get("default_variant", "fp32")

@@ -25,14 +25,11 @@ from .bundle import (
     write_manifest,
 )
 from .errors import BundleError, MismatchError, ParityError, TamperedBundleError, UserInputError, require_full
-from .report import Report
+from .report import Report, new_report
 from .swap_build import (
-    SwapDecoder,
-    SwapEncoder,
     adapter_entry,
     check_adapter_name,
     prepare_adapter,
-    required_adapter_effect,
     set_parameters,
     write_adapter,
 )
@@ -72,22 +69,20 @@ def add_adapter(bundle: Path, adapter_path: Path, name: str | None = None, *, ba
     # The lock first: a concurrent add-adapter must see this one's manifest, not the one before it.
     with output_lock(root), quiet_libraries():
         try:
-            return Report(_add_locked(root, Path(adapter_path), name, base, allow_pickle, trust_remote_code,
-                                      progress, sign))
+            return _add_locked(root, Path(adapter_path), name, base, allow_pickle, trust_remote_code, progress,
+                               sign)
         except OSError as e:
             raise disk_error(e, root) from None
 
 
 def _add_locked(root: Path, adapter_path: Path, name: str, base: str | None, allow_pickle: bool,
-                trust_remote_code: bool, progress, sign: Path | None = None) -> dict[str, Any]:
-    from .decoder import conv1d_to_linear
+                trust_remote_code: bool, progress, sign: Path | None = None) -> Report:
+    from .families import builder_from_bundle
     from .formats import sha256_file
-    from .generation import DecoderIO
     from .loading import check_architecture, inspect_adapter, public_base_name, resolve_base_name
     from .merge import load_base_model, resolve_labels
     from .reference import load_reference
     from .report import write_report
-    from .runtime import text_input_names
     from .stages import Stages
     from .tasks import get_arch, get_task, task_from_peft
     from .verify import check_tokenizer, evaluate_variants
@@ -124,15 +119,11 @@ def _add_locked(root: Path, adapter_path: Path, name: str, base: str | None, all
         raise MismatchError(f"adapter {name} is a {adapter_task} adapter, this bundle is {task.name}")
     interface = Interface.from_json(section["interface"])
     probes, inputs, base_reference = reference
-    if task.is_decoder:
-        dio = DecoderIO.from_json(manifest["decoder"])
-        family: Any = SwapDecoder(dio, inputs, int(probes["max_new_tokens"]))
-    else:
-        family = SwapEncoder(task, text_input_names(manifest), manifest.get("pooling"), inputs)
-    arch = get_arch(base_ref.model_type) if not task.is_decoder else None
+    fam = builder_from_bundle(task, manifest, probes, inputs)
+    arch = get_arch(base_ref.model_type)
     warnings: list[str] = []
     defaults = _graph_defaults(root / manifest["variants"]["fp32"]["file"], interface)
-    labels = resolve_labels(task, arch, base_ref, ref, None) if arch is not None else None
+    labels = resolve_labels(task, arch, base_ref, ref, None)
     if labels is not None:
         head = f"{arch.head_layers[task.name]}.weight"
         size = interface.full_parameters.get(head, (None,))[0]
@@ -143,25 +134,24 @@ def _add_locked(root: Path, adapter_path: Path, name: str, base: str | None, all
     def check_base():
 
         model, _ = load_base_model(task, base_ref, labels, trust_remote_code)
-        if task.is_decoder:
-            conv1d_to_linear(model)
+        fam.prepare_model(model)
         set_parameters(model, defaults)
-        _check_ids_fit(model, family.feeds, root)
-        got = family.reference(model)
-        diff = family.max_diff(got, base_reference)
+        _check_ids_fit(model, fam.feeds, root)
+        diff = max(fam.effect(fam.reference(model), base_reference).values())
+        skip = task.family_spec.non_output_keys
         bound = FP32_ATOL + FP32_RTOL * max(float(np.abs(r[k]).max()) for r in base_reference for k in r
-                                            if k != "tokens")
+                                            if k not in skip)
         if not diff <= bound:
             raise MismatchError(f"base {base_ref.name} does not reproduce this bundle's base outputs (max abs diff "
                                 f"{diff:.3g} > {bound:.3g}); pass the base the bundle was exported from (--base)")
 
     stages.run("base_check", "checking the base reproduces the bundle's base outputs", check_base)
     p = stages.run("convert", f"converting adapter {name} and computing its merged PyTorch reference", prepare_adapter,
-                   name, ref, task, arch, base_ref, labels, family, base_reference, defaults, allow_pickle,
-                   trust_remote_code, warnings)
+                   name, ref, fam, base_ref, labels, base_reference, defaults, warnings, allow_pickle=allow_pickle,
+                   trust_remote_code=trust_remote_code)
     shapes = {k: (tuple(v.shape), str(v.dtype)) for k, v in p.tensors.items()}
     check_tensors(shapes, interface, f"adapter {name}")
-    required = required_adapter_effect(base_reference)
+    required = fam.required(base_reference)
     weak = weak_adapter_warning(max(p.effect.values()), required, name)
     warnings += [weak] if weak else []
     staging = make_staging(root)
@@ -181,11 +171,14 @@ def _add_locked(root: Path, adapter_path: Path, name: str, base: str | None, all
         passed = all(r["passed"] for r in results.values())
         for v, r in results.items():
             manifest["variants"][v]["passed"] = r["passed"]
-        report = _read_report(staging)
-        report.update({"command": "add-adapter", "passed": passed, "variants": results,
-                       "adapters": adapters_summary(manifest), "adapter_effect": manifest["adapter_effect"],
-                       "warnings": list(report.get("warnings", [])) + warnings})
-        report.setdefault("timings", {}).update({f"add_{k}": v for k, v in stages.timings.items()})
+        # What export measured stays in the report (it was checked with the bundle); the rest is this run's.
+        before = _read_report(staging)
+        report = new_report("add-adapter", manifest, results, str(before.get("bundle") or root.name),
+                            passed=passed, warnings=list(before.get("warnings") or []) + warnings,
+                            timings={**(before.get("timings") or {}),
+                                     **{f"add_{k}": v for k, v in stages.timings.items()}},
+                            task_metrics=before.get("task_metrics"), training=before.get("training"),
+                            sizes=before.get("sizes") or {}, adapters=adapters_summary(manifest))
         from .signing import SIGNATURE, sign_bundle
 
         was_signed = (staging / SIGNATURE).is_file()

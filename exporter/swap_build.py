@@ -17,21 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import (
-    INPUTS_NPZ,
-    OUTPUTS_NPZ,
-    PROBES_JSON,
-    REFERENCE_DIR,
-    file_hashes,
-    write_json,
-)
+from .bundle import file_hashes
 from .errors import (
     MismatchError,
     UnsupportedError,
     UserInputError,
 )
-from .generation import run_arrays
-from .parity import OutputInfo, output_rows
+from .families import BuildContext, Builder
+from .report import Report
 from .swappable import (
     ADAPTER_REFERENCE_DIR,
     ADAPTER_SUFFIX,
@@ -41,13 +34,7 @@ from .swappable import (
     contract_entry,
     write_adapter_file,
 )
-from .tolerances import SWITCH_ATOL, required_effect, weak_adapter_warning
-
-
-def required_adapter_effect(base_reference: list[dict[str, np.ndarray]]) -> float:
-    """The smallest adapter effect the fp32 gate can see, from the base's stored outputs (not greedy tokens)."""
-    return required_effect([a for r in base_reference for k, a in r.items() if k not in ("tokens", "margins")])
-
+from .tolerances import SWITCH_ATOL, weak_adapter_warning
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -66,72 +53,6 @@ def parse_adapter_arg(value: str) -> tuple[str, Path]:
         return check_adapter_name(name), Path(path)
     p = Path(value)
     return check_adapter_name(p.resolve().name), p
-
-
-# --- the two families: what a reference is, how the graph is traced -------------------------------------
-
-
-class SwapEncoder:
-    def __init__(self, task, names: tuple[str, ...], pooling: dict | None, feeds: list[dict[str, np.ndarray]]) -> None:
-        self.task, self.names, self.pooling, self.feeds = task, names, pooling, feeds
-        self.infos = [OutputInfo(o.name, "sequence" in o.axes, o.is_logits) for o in task.outputs]
-        self.output_names = tuple(i.name for i in self.infos)
-
-    def reference(self, model) -> list[dict[str, np.ndarray]]:
-        from .onnx_export import make_wrapper, run_torch
-
-        wrapper = make_wrapper(model, self.task, self.names, self.pooling)
-        return [run_torch(wrapper, f, self.output_names) for f in self.feeds]
-
-    def effect(self, ref: list[dict], base: list[dict]) -> dict[str, float]:
-        from .parity import adapter_effect
-
-        return adapter_effect(ref, base, [f["attention_mask"] for f in self.feeds], self.infos)
-
-    def max_diff(self, ref: list[dict], base: list[dict]) -> float:
-        return max(self.effect(ref, base).values())
-
-    def export(self, model, interface: Interface, path: Path, opset: int):
-        import torch
-
-        from .onnx_export import example_feeds, make_wrapper
-        from .swap_export import export_swappable, make_swappable
-
-        wrapper = make_swappable(make_wrapper(model, self.task, self.names, self.pooling), len(self.names), interface)
-        example = example_feeds(self.feeds[-1])
-        batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-        return export_swappable(wrapper, model, interface, [torch.from_numpy(a) for a in example.values()],
-                                [{0: batch, 1: seq} for _ in self.names], self.names, self.output_names, path, opset)
-
-
-class SwapDecoder:
-    def __init__(self, dio, feeds: list[dict[str, np.ndarray]], max_new_tokens: int) -> None:
-        self.dio, self.feeds, self.max_new_tokens = dio, feeds, max_new_tokens
-
-    def reference(self, model) -> list[dict[str, np.ndarray]]:
-        from .decoder import make_decoder_wrapper, torch_step
-        from .generation import greedy
-
-        step = torch_step(make_decoder_wrapper(model, self.dio), self.dio)
-        runs = [greedy(step, self.dio, f["input_ids"], f["attention_mask"], self.max_new_tokens) for f in self.feeds]
-        return run_arrays(runs)
-
-    def effect(self, ref: list[dict], base: list[dict]) -> dict[str, float]:
-        return {"logits": self.max_diff(ref, base)}
-
-    def max_diff(self, ref: list[dict], base: list[dict]) -> float:
-        return float(max(np.abs(output_rows(r["logits"], f["attention_mask"], True) -
-                                output_rows(b["logits"], f["attention_mask"], True)).max()
-                         for r, b, f in zip(ref, base, self.feeds)))
-
-    def export(self, model, interface: Interface, path: Path, opset: int):
-        from .decoder import decoder_example, make_decoder_wrapper
-        from .swap_export import export_swappable, make_swappable
-
-        wrapper = make_swappable(make_decoder_wrapper(model, self.dio), len(self.dio.input_names), interface)
-        example, shapes = decoder_example(self.dio)
-        return export_swappable(wrapper, model, interface, example, shapes, self.dio.input_names,
-                                self.dio.output_names, path, opset)
 
 
 def set_parameters(model, values: dict[str, np.ndarray]) -> None:
@@ -158,12 +79,11 @@ class Prepared:
     effect: dict[str, float]
 
 
-def prepare_adapter(name: str, ref, task, arch, base, labels, family, base_reference: list[dict],
-             full_defaults: dict[str, Any], allow_pickle: bool, trust_remote_code: bool,
-             warnings: list[str]) -> Prepared:
+def prepare_adapter(name: str, ref, fam: Builder, base, labels, base_reference: list[dict],
+                    full_defaults: dict[str, Any], warnings: list[str], *, allow_pickle: bool,
+                    trust_remote_code: bool) -> Prepared:
     """One adapter: its graph tensors (from peft) and its reference (the PyTorch model with it merged)."""
 
-    from .decoder import conv1d_to_linear
     from .loading import load_adapter_tensors
     from .merge import adapter_vocab_size, apply_adapter, full_tensor_names, load_base_model, merge
     from .swap_export import convert_peft
@@ -172,7 +92,7 @@ def prepare_adapter(name: str, ref, task, arch, base, labels, family, base_refer
     if vocab is not None and vocab != base.config.get("vocab_size"):
         raise UnsupportedError(f"adapter {name} grows the vocabulary to {vocab} tokens: swappable adapters share the "
                                "base's tokenizer and embeddings; export it merged (without --keep-adapters)")
-    model, info = load_base_model(task, base, labels, trust_remote_code)
+    model, info = load_base_model(fam.task, base, labels, trust_remote_code)
     refuse_conv1d_tensors(name, model, full_tensor_names(ref.shapes))
     # Tensors no adapter trained (a randomly initialised head, say) must be the graph's own defaults, or the
     # merged reference and the graph would disagree for reasons that have nothing to do with the adapter.
@@ -183,13 +103,12 @@ def prepare_adapter(name: str, ref, task, arch, base, labels, family, base_refer
     full = {pname: tensors[key] for pname, key in full_tensor_names(tensors).items()}
     graph = convert_peft(peft_model, ref, full)
     merged = merge(peft_model, base.name)
-    if task.is_decoder:
-        conv1d_to_linear(merged)
-    reference = family.reference(merged)
+    fam.prepare_model(merged)
+    reference = fam.reference(merged)
     del merged, peft_model, model
     gc.collect()
     return Prepared(name, ref, graph.tensors, graph.scaling, graph.lora_modules, graph.full_shapes, labels,
-                     reference, family.effect(reference, base_reference))
+                    reference, fam.effect(reference, base_reference))
 
 
 def refuse_conv1d_tensors(name: str, model, full: dict[str, str]) -> None:
@@ -251,34 +170,24 @@ def write_adapter(staging: Path, p: Prepared, graph_sha: str) -> None:
 # --- export --keep-adapters -------------------------------------------------------------------------------
 
 
-def build_swappable(spec, modes, stages, adapters: list[tuple[str, Any]], base, arch, task,
-                    staging: Path) -> dict[str, Any]:
-    """The keep-adapters export (both families); returns the report, like pipeline's builders."""
-    from .decoder import conv1d_to_linear, decoder_io, make_decoder_wrapper, torch_step
+def build_swappable(ctx: BuildContext, adapters: list[tuple[str, Any]]) -> Report:
+    """The keep-adapters export, for every family; returns the report, like pipeline's merged build."""
+    from .families import builder_for
     from .formats import sha256_file
-    from .loading import pooling_config
-    from .manifest import decoder_fields, encoder_fields, finish, manifest_head, manifest_tail
+    from .manifest import copy_base_docs, finish, manifest_head, manifest_tail
     from .merge import full_tensor_names, load_base_model, resolve_labels
-    from .probes import GREEDY_TOKENS, load_tokenizer, save_arrays
     from .quantize import quantize_all
     from .swap_export import add_defaults, base_defaults, inject
-    from .tasks import input_names as task_inputs
-    from .tokenizer_files import (
-        choose_prompts,
-        decoder_prompts,
-        encoder_probes,
-        eos_token_ids,
-        save_tokenizer,
-    )
+    from .tokenizer_files import save_tokenizer
     from .verify import evaluate_variants
 
+    spec, stages, base, task, staging = ctx.spec, ctx.stages, ctx.base, ctx.task, ctx.staging
     warnings: list[str] = []
-    is_decoder = task.is_decoder
     if spec.no_tokenizer:
         raise UserInputError("--keep-adapters needs the base's tokenizer; drop --no-tokenizer")
     first = adapters[0][1]
     labels_by_name: dict[str, tuple[str, ...] | None] = {
-        name: resolve_labels(task, arch, base, ref, spec.labels) for name, ref in adapters}
+        name: resolve_labels(task, ctx.arch, base, ref, spec.labels) for name, ref in adapters}
     label_counts = {len(v) for v in labels_by_name.values() if v}
     if len(label_counts) > 1:
         raise MismatchError("the adapters have heads of different sizes ("
@@ -292,38 +201,20 @@ def build_swappable(spec, modes, stages, adapters: list[tuple[str, Any]], base, 
                         f"adapters (the first one's, else the base's)")
     tok, pad_source = stages.run("tokenizer", "saving tokenizer", save_tokenizer, base, first, staging,
                                  spec.trust_remote_code)
+    fam = builder_for(ctx)
+    fam.prepare_probes(ctx, tok, warnings)
 
     def load_graph_model():
         import torch
 
         torch.manual_seed(0)  # an untrained head is random: make it the same on every export
         model, info = load_base_model(task, base, labels, spec.trust_remote_code)
-        if is_decoder:
-            conv1d_to_linear(model)
+        fam.prepare_model(model)
         return model, sorted(info.get("missing_keys") or [])
 
     graph_model, untrained = stages.run("load", "loading base model", load_graph_model)
-    if is_decoder:
-        positions, max_length, fast_tok, names, texts, singles = decoder_prompts(spec, base, tok, staging, warnings)
-        dio = decoder_io(graph_model)
-        chosen, batches, feeds, runs = stages.run(
-            "reference_base", "computing the base's PyTorch reference (greedy generation)", choose_prompts,
-            torch_step(make_decoder_wrapper(graph_model, dio), dio), dio, fast_tok, names, texts, singles)
-        family: Any = SwapDecoder(dio, feeds, GREEDY_TOKENS)
-        base_reference = run_arrays(runs)
-    else:
-        names = task_inputs(arch, base.config.get("type_vocab_size"))
-        limits = [spec.max_length, base.config.get("max_position_embeddings", spec.max_length)
-                  - (2 if base.model_type in ("roberta", "xlm-roberta") else 0)]
-        if 0 < tok.model_max_length < 1_000_000:
-            limits.append(tok.model_max_length)
-        max_length = min(limits)
-        fast_tok = load_tokenizer(staging / "tokenizer.json", max_length, tok.pad_token_id, tok.pad_token)
-        probes, texts = encoder_probes(spec, fast_tok, names, max_length, warnings)
-        pooling = pooling_config(base) if task.name == "feature-extraction" else None
-        family = SwapEncoder(task, names, pooling, list(probes.feeds))
-        base_reference = stages.run("reference_base", "computing the base's PyTorch reference",
-                                    family.reference, graph_model)
+    base_reference, _ = stages.run("reference_base", "computing the base's PyTorch reference", fam.select,
+                                   graph_model)
 
     # Whole tensors some adapter replaces: every other adapter sees the graph's default for them.
     replaced = set()
@@ -335,56 +226,41 @@ def build_swappable(spec, modes, stages, adapters: list[tuple[str, Any]], base, 
     for name, ref in adapters:
         prepared.append(stages.run(
             f"adapter_{name}", f"converting adapter {name} and computing its merged PyTorch reference", prepare_adapter,
-            name, ref, task, arch, base, labels_by_name[name] or labels, family, base_reference, full_defaults,
-            spec.allow_pickle, spec.trust_remote_code, warnings))
+            name, ref, fam, base, labels_by_name[name] or labels, base_reference, full_defaults, warnings,
+            allow_pickle=spec.allow_pickle, trust_remote_code=spec.trust_remote_code))
     interface = make_interface(prepared, graph_model)
     inject(graph_model, interface)
-    fp32 = stages.run("export", "exporting the base with LoRA inputs to ONNX (fp32)", family.export, graph_model,
-                      interface, staging / "model.onnx", spec.opset)
+    fp32 = stages.run("export", "exporting the base with LoRA inputs to ONNX (fp32)", fam.export_swappable,
+                      graph_model, interface, staging / "model.onnx", spec.opset)
     defaults = base_defaults(graph_model, interface)
     graph_model.config.to_json_file(str(staging / "config.json"))
     num_parameters = sum(p.numel() for p in graph_model.parameters())
-    eos_ids = eos_token_ids(graph_model.config, tok) if is_decoder else []
+    fam.describe(graph_model, tok)
     del graph_model, params
     gc.collect()
     # Quantize while the adapter inputs have no initializers: the quantizers would otherwise treat the zero
     # defaults as weights and quantize the LoRA MatMuls; adapters stay float32 on every variant.
-    artifacts = quantize_all(stages, fp32, modes, staging, decoder=is_decoder, block_size=spec.int4_block_size,
-                             int4_embedding=spec.int4_embedding)
+    artifacts = quantize_all(stages, fp32, ctx.modes, staging, decoder=task.is_decoder,
+                             block_size=spec.int4_block_size, int4_embedding=spec.int4_embedding)
     for art in artifacts.values():
         add_defaults(art, defaults)
     graph_sha = sha256_file(fp32.path)
 
-    required = required_adapter_effect(base_reference)
-    (staging / REFERENCE_DIR).mkdir(exist_ok=True)
-    if is_decoder:
-        write_json(staging / PROBES_JSON, {"texts": list(texts.texts), "batches": [list(b) for b in batches],
-                                           "max_length": max_length, "max_new_tokens": GREEDY_TOKENS,
-                                           "min_top2_margin": float(min(r.margins.min() for r in runs)),
-                                           "source": texts.source})
-        save_arrays(staging / INPUTS_NPZ, list(feeds))
-    else:
-        write_json(staging / PROBES_JSON, probes.to_json())
-        save_arrays(staging / INPUTS_NPZ, list(probes.feeds))
-    save_arrays(staging / OUTPUTS_NPZ, base_reference)
+    required = fam.required(base_reference)
+    fam.write_reference(staging, base_reference, None)
     for p in prepared:
         write_adapter(staging, p, graph_sha)
         weak = weak_adapter_warning(max(p.effect.values()), required, p.name)
         warnings += [weak] if weak else []
-    from .manifest import copy_base_docs
-
     copy_base_docs(base, staging)
     effect = {k: min(p.effect[k] for p in prepared) for k in prepared[0].effect}
     meaningful = all(max(p.effect.values()) >= required for p in prepared)
-    all_labels = {v for v in labels_by_name.values()}
-    fields = (decoder_fields(dio, tok, max_length, positions, eos_ids, pad_source) if is_decoder else
-              encoder_fields(task, names, labels if len(all_labels) == 1 else None, pooling, tok, max_length,
-                              pad_source))
+    one_labels = labels if len(set(labels_by_name.values())) == 1 else None
     manifest: dict[str, Any] = {
         **manifest_head(spec, task, base, first, num_parameters),
-        **fields,
-        "probes": texts.manifest(),
-        **manifest_tail(spec, artifacts, task.name, effect, required, meaningful, decoder=is_decoder),
+        **fam.manifest_fields(one_labels, tok, pad_source),
+        "probes": fam.probes_manifest(),
+        **manifest_tail(spec, artifacts, task, effect, required, meaningful),
     }
     manifest["adapter"] = None
     manifest["adapters"] = {
@@ -402,10 +278,4 @@ def build_swappable(spec, modes, stages, adapters: list[tuple[str, Any]], base, 
     manifest["files"] = file_hashes(staging)  # the adapter files are checked against these before loading
     results = stages.run("verify", "checking parity with onnxruntime (base, each adapter, switching)",
                          lambda: evaluate_variants(staging, manifest, list(artifacts)))
-    return finish(staging, spec, modes, manifest, results, warnings, stages, task, artifacts, None, None,
-                   extra={"adapters": adapters_summary(manifest)})
-
-
-# --- add-adapter ----------------------------------------------------------------------------------------
-
-
+    return finish(ctx, manifest, results, warnings, artifacts, None, extra={"adapters": adapters_summary(manifest)})

@@ -1,7 +1,9 @@
-"""Registry of what really varies: tasks (outputs, model class) and encoder architectures.
+"""Registry of what really varies: model families, tasks (outputs, model class) and architectures.
 
 Declared as data, like optimum's exporters: a new architecture is one entry here plus a tiny test config
-(tests fail when a registered architecture has none).
+(tests fail when a registered architecture has none). A family's behaviour has two halves joined by its name,
+because the device profile cannot import the build side: ``runners.RUNNERS[name]`` runs and judges a bundle
+(device), ``families.BUILDERS[name]`` builds one (wrapper, export, reference, manifest fields).
 """
 
 from __future__ import annotations
@@ -9,6 +11,42 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import UnsupportedError
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What a model family is as data; every module reads these fields rather than compare family names."""
+
+    name: str
+    description: str
+    # Variants export --quantize offers (int4 is weight-only MatMulNBits, built for decoders' large matmuls).
+    quantize_modes: tuple[str, ...]
+    # --probe-texts: at most this many texts (encoders) or prompts (decoders); parity re-runs them on every
+    # variant and on the device, and a decoder's are each generated token by token.
+    max_user_probes: int
+    # Where a batch is padded: a KV-cache decoder generates after the prompt, so its batches pad on the left.
+    padding_side: str
+    # Whether the bundle can do without a tokenizer (encoders take token ids; generation must decode).
+    tokenizer_optional: bool
+    # The reference outputs that are not arrays parity compares elementwise (greedy tokens and their margins).
+    non_output_keys: tuple[str, ...] = ()
+
+    @property
+    def is_decoder(self) -> bool:
+        return self.name == "decoder"
+
+
+FAMILIES: dict[str, FamilySpec] = {
+    "encoder": FamilySpec("encoder", "one forward pass per batch (classification, token labels, embeddings)",
+                          ("int8", "fp16"), 64, "right", True),
+    "decoder": FamilySpec("decoder", "causal LM exported with a KV cache, judged on prompt logits and greedy "
+                          "continuations", ("int8", "int4", "fp16"), 16, "left", False, ("tokens", "margins")),
+}
+
+
+def family_of(manifest: dict) -> FamilySpec:
+    """A bundle's family: manifests say "family" for decoders (encoders predate the field)."""
+    return FAMILIES["decoder" if manifest.get("family") == "decoder" else "encoder"]
 
 
 @dataclass(frozen=True)
@@ -37,13 +75,16 @@ class TaskSpec:
     architecture_suffixes: tuple[str, ...] = ()
 
     @property
+    def family_spec(self) -> FamilySpec:
+        return FAMILIES[self.family]
+
+    @property
     def is_decoder(self) -> bool:
-        return self.family == "decoder"
+        return self.family_spec.is_decoder
 
     @property
     def quantize_modes(self) -> tuple[str, ...]:
-        """int4 is weight-only MatMulNBits, built for decoders' large matmuls."""
-        return ("int8", "int4", "fp16") if self.is_decoder else ("int8", "fp16")
+        return self.family_spec.quantize_modes
 
 
 TASKS: dict[str, TaskSpec] = {

@@ -78,13 +78,14 @@ def load_fast_tokenizer(location, what: str, base_vocab: int | None, adapter_voc
 def probe_texts(spec: ExportSpec, fast_tok, family: str, warnings: list[str]):
     """The texts parity runs on: --probe-texts, else the built-in ones, else texts made from the vocabulary."""
     from .formats import read_text
-    from .probes import MAX_USER_PROBES, select_probe_texts
+    from .probes import select_probe_texts
+    from .tasks import FAMILIES
 
     user = None
     if spec.probe_texts is not None:
         from .probes import parse_probe_file
 
-        limit = MAX_USER_PROBES[family]
+        limit = FAMILIES[family].max_user_probes
         user, total = parse_probe_file(read_text(Path(spec.probe_texts), "probe file"), str(spec.probe_texts),
                                        limit)
         if total > limit:

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
 from .bundle import (
     INPUTS_NPZ,
     MANIFEST,
@@ -22,97 +21,26 @@ from .bundle import (
 )
 from .cpu import cpu_features
 from .errors import BundleError, ExporterError
-from .parity import compare_variant
 from .probes import encode, load_arrays
 from .reference import check_arrays, expected_outputs, load_reference
-from .report import Report
+from .report import Report, new_report
+from .runners import make_runner, runner_class
 from .runtime import (
     bundle_tokenizer,
     check_providers,
     check_threads,
     make_session,
-    output_infos,
-    run_session,
     text_input_names,
 )
 from .signing import SIGNATURE, check_signature
 from .swappable import adapters_summary
+from .tasks import FamilySpec, family_of
 from .tolerances import threshold_problem
-
-
-class _EncoderRunner:
-    """Runs the stored probe batches through a session and judges them (encoders)."""
-
-    def __init__(self, manifest: dict[str, Any], probes: dict, inputs: list[dict[str, np.ndarray]]) -> None:
-        self.inputs = inputs
-        self.probes = probes
-        self.row_texts = probes.get("batches")
-        self.infos = output_infos(manifest)
-        self.output_names = [i.name for i in self.infos]
-        self.masks = [b["attention_mask"] for b in inputs]
-
-    def run(self, session, run_options=None) -> list[dict[str, np.ndarray]]:
-        return [dict(zip(self.output_names, run_session(session, self.output_names, feeds, run_options)))
-                for feeds in self.inputs]
-
-    def judge(self, outputs, reference, thresholds: dict, base=None) -> dict[str, Any]:
-        result = compare_variant(outputs, reference, self.masks, self.infos, thresholds, self.row_texts, base)
-        return name_worst_probes(result, self.probes)
-
-    def arrays(self, outputs) -> list[np.ndarray]:
-        return [o[n] for o in outputs for n in self.output_names]
-
-
-class _DecoderRunner:
-    """Re-generates the stored prompts greedily through a session and judges logits and tokens (decoders)."""
-
-    def __init__(self, manifest: dict[str, Any], probes: dict, inputs: list[dict[str, np.ndarray]]) -> None:
-        from .generation import DecoderIO
-
-        self.inputs = inputs
-        self.probes = probes
-        self.dio = DecoderIO.from_json(manifest["decoder"])
-        self.n_new = int(probes["max_new_tokens"])
-
-    def run(self, session, run_options=None) -> list:
-        from .generation import greedy
-
-        names = list(self.dio.output_names)
-
-        def step(feeds):
-            return dict(zip(names, run_session(session, names, {n: feeds[n] for n in self.dio.input_names},
-                                               run_options)))
-
-        return [greedy(step, self.dio, b["input_ids"], b["attention_mask"], self.n_new) for b in self.inputs]
-
-    def judge(self, runs, reference, thresholds: dict, base=None) -> dict[str, Any]:
-        from .parity import compare_decoder
-
-        result = compare_decoder([r.prefill_logits for r in runs], [r["logits"] for r in reference],
-                                 [b["attention_mask"] for b in self.inputs], [r.tokens for r in runs],
-                                 [r["tokens"] for r in reference], thresholds, [r["margins"] for r in reference],
-                                 [b.get("logits") for b in base] if base is not None else None)
-        return name_worst_probes(result, self.probes)
-
-    def arrays(self, runs) -> list[np.ndarray]:
-        return [a for r in runs for a in (r.prefill_logits, r.tokens.astype(np.float64))]
-
-
-def name_worst_probes(result: dict[str, Any], probes: dict) -> dict[str, Any]:
-    """Give each worst-probe entry its text (probes.json maps batch and example to a text), for the report."""
-    texts, batches = probes.get("texts") or [], probes.get("batches") or []
-    for m in result["outputs"].values():
-        for entry in (m.get("worst") or {}).values():
-            b, e = entry["batch"], entry["example"]
-            index = batches[b][e] if b < len(batches) and e < len(batches[b]) else None
-            entry["text"] = texts[index] if isinstance(index, int) and 0 <= index < len(texts) else None
-    return result
 
 
 def _runner(root: Path, manifest: dict[str, Any]):
     probes, inputs, reference = load_reference(root, manifest)
-    runner = (_DecoderRunner if manifest.get("family") == "decoder" else _EncoderRunner)(manifest, probes, inputs)
-    return runner, reference, probes, inputs
+    return make_runner(manifest, probes, inputs), reference, probes, inputs
 
 
 def evaluate_variants(
@@ -128,10 +56,9 @@ def evaluate_variants(
     base = None
     if base_file:
         base = load_arrays(root / base_file, len(reference))
-        # A decoder's base logits exist for the single-prompt batches only (the padded batch has none).
-        decoder = manifest.get("family") == "decoder"
-        check_arrays(root / base_file, base, expected_outputs(manifest, probes, inputs, ("logits",) if decoder
-                                                               else None), optional=decoder)
+        names_in_base = runner.base_output_names  # a family may store the base's outputs for some batches only
+        check_arrays(root / base_file, base, expected_outputs(manifest, probes, inputs, names_in_base),
+                     optional=names_in_base is not None)
     results = {}
     for name in names:
         entry = manifest["variants"][name]
@@ -207,12 +134,12 @@ def _evaluate_adapters(root: Path, manifest: dict[str, Any], runner, session, ba
     result["passed"] = not result["failures"]
 
 
-def read_probe_file(path: Path, family: str) -> tuple[tuple[str, ...], int]:
+def read_probe_file(path: Path, family: FamilySpec) -> tuple[tuple[str, ...], int]:
     """verify --probe-texts FILE: the same format, and the same reading, as export's."""
     from .formats import read_text
-    from .probes import MAX_USER_PROBES, parse_probe_file
+    from .probes import parse_probe_file
 
-    return parse_probe_file(read_text(Path(path), "probe file"), str(path), MAX_USER_PROBES[family])
+    return parse_probe_file(read_text(Path(path), "probe file"), str(path), family.max_user_probes)
 
 
 def check_on_texts(root: Path, manifest: dict[str, Any], texts: tuple[str, ...], names: list[str],
@@ -220,20 +147,13 @@ def check_on_texts(root: Path, manifest: dict[str, Any], texts: tuple[str, ...],
     """Parity on the user's own texts, on the device. There is no PyTorch here, so the fp32 graph is the
     reference (verify proves it equals PyTorch on the stored probes, to ~1e-4 x the output's scale); every
     other variant is judged against it with the thresholds in the manifest."""
-    from .probes import GREEDY_TOKENS, user_batches
-
     if not manifest.get("tokenizer"):
         raise BundleError(f"{root}: exported with --no-tokenizer, so it cannot tokenize --probe-texts")
-    tok = bundle_tokenizer(root, manifest)
-    names_in = text_input_names(manifest)
-    decoder = manifest.get("family") == "decoder"
-    batches = [(i,) for i in range(len(texts))] + [tuple(range(len(texts)))] if decoder else user_batches(len(texts))
-    feeds = [encode(tok, [texts[i] for i in b], names_in) for b in batches]
-    probes = {"texts": list(texts), "batches": [list(b) for b in batches], "max_new_tokens": GREEDY_TOKENS}
-    runner = _DecoderRunner(manifest, probes, feeds) if decoder else _EncoderRunner(manifest, probes, feeds)
-    fp32 = runner.run(make_session(root / manifest["variants"]["fp32"]["file"], providers, threads))
-    reference = ([{"logits": r.prefill_logits, "tokens": r.tokens, "margins": r.margins} for r in fp32]
-                 if decoder else fp32)
+    kind = runner_class(manifest)
+    probes, feeds = kind.user_probes(bundle_tokenizer(root, manifest), texts, manifest)
+    runner = kind(manifest, probes, feeds)
+    reference = runner.as_reference(runner.run(make_session(root / manifest["variants"]["fp32"]["file"],
+                                                            providers, threads)))
     results = {}
     for name in names:
         if name == "fp32":
@@ -279,8 +199,7 @@ def verify_bundle(
     manifest = read_manifest(root)
     user_texts = None
     if probe_texts is not None:
-        user_texts, total = read_probe_file(probe_texts, "decoder" if manifest.get("family") == "decoder"
-                                            else "encoder")
+        user_texts, total = read_probe_file(probe_texts, family_of(manifest))
     available = list(manifest["variants"])
     names = variants or available
     for v in names:
@@ -341,24 +260,10 @@ def verify_bundle(
                 results[v]["passed"] = False
                 results[v]["failures"] += [f"your probes ({user['file']}, vs fp32): {f}" for f in r["failures"]]
     passed = not problems and all(r["passed"] for r in results.values()) and not (user or {}).get("problems")
-    return Report({
-        "schema_version": manifest["schema_version"],
-        "command": "verify",
-        "tool_version": __version__,
-        "passed": passed,
-        "bundle": str(root),
-        "task": manifest["task"],
-        "base": manifest["base"],
-        "adapter": manifest["adapter"],
-        "labels": manifest.get("labels"),
-        "integrity": {"passed": not problems, "problems": problems},
-        "variants": results,
-        "adapter_effect": manifest.get("adapter_effect"),
-        "warnings": [],
-        "cpu": cpu_features(),
-        "exported_on": (manifest.get("verified_on") or {}).get("cpu"),
+    return new_report(
+        "verify", manifest, results, str(root), passed=passed, problems=problems,
+        cpu=cpu_features(), exported_on=(manifest.get("verified_on") or {}).get("cpu"),
         **({"adapters": adapters_summary(manifest)} if manifest.get("adapters") else {}),
         **({"user_probes": user} if user is not None else {}),
-        "signature": signature,
-    })
+        signature=signature)
 
