@@ -24,7 +24,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     "build": (
         "loading", "embedded", "merge", "onnx_export", "decoder", "swap_export", "quantize", "weightonly",
-        "datasets", "taskeval", "spec", "stages", "staging", "tokenizer_files", "families", "manifest", "pipeline",
+        "datasets", "taskeval", "spec", "stages", "staging", "tokenizer_files", "family_base",
+        "family_encoder", "family_decoder", "families", "manifest", "pipeline",
         "swap_build", "swap_add",
     ),
     "train": ("recipes", "finetune", "run"),

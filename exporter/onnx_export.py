@@ -90,17 +90,22 @@ def export_onnx(
     """Export with dynamic batch and sequence axes; check the written file by path (works past 2 GiB)."""
     import torch
 
-    check_opset(opset)
     input_names = tuple(example)
-    output_names = tuple(o.name for o in task.outputs)
     batch = torch.export.Dim("batch")
     seq = torch.export.Dim("sequence")
-    dynamic_shapes = {"args": tuple({0: batch, 1: seq} for _ in input_names)}
-    args = tuple(torch.from_numpy(a) for a in example.values())
+    return dynamo_export(module, tuple(torch.from_numpy(a) for a in example.values()), path, input_names,
+                         tuple(o.name for o in task.outputs), opset, [{0: batch, 1: seq} for _ in input_names])
+
+
+def dynamo_export(module, args: tuple, path: Path, input_names: tuple[str, ...], output_names: tuple[str, ...],
+                  opset: int, dynamic_shapes: list) -> OnnxArtifact:
+    """The dynamo exporter's one path (merged encoders, swappable graphs): the opset checked before tracing,
+    external data past the threshold, the written file checked."""
+    check_opset(opset)
     torch_export(module, args, path, input_names=list(input_names), output_names=list(output_names),
-                 opset_version=opset, dynamo=True, dynamic_shapes=dynamic_shapes,
+                 opset_version=opset, dynamo=True, dynamic_shapes={"args": tuple(dynamic_shapes)},
                  external_data=parameter_bytes(module) > EXTERNAL_DATA_THRESHOLD, verbose=False)
-    return checked_artifact(path, opset, input_names, output_names)
+    return checked_artifact(path, opset, tuple(input_names), tuple(output_names))
 
 
 def check_opset(opset: int) -> None:

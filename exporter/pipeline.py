@@ -18,7 +18,7 @@ from .errors import (
     UserInputError,
     require_full,
 )
-from .families import BuildContext
+from .family_base import BuildContext
 from .manifest import copy_base_docs, finish, manifest_head, manifest_tail
 from .onnx_export import MIN_ORT_FOR_OPSET
 from .quantize import quantize_all

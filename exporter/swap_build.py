@@ -23,7 +23,8 @@ from .errors import (
     UnsupportedError,
     UserInputError,
 )
-from .families import BuildContext, Builder
+from .families import Builder
+from .family_base import BuildContext
 from .report import Report
 from .swappable import (
     ADAPTER_REFERENCE_DIR,

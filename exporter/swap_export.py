@@ -13,14 +13,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ExporterError, MismatchError, UnsupportedError
-from .onnx_export import (
-    EXTERNAL_DATA_THRESHOLD,
-    OnnxArtifact,
-    check_opset,
-    checked_artifact,
-    parameter_bytes,
-    torch_export,
-)
+from .onnx_export import OnnxArtifact, dynamo_export
 from .swappable import LORA_KINDS, Interface, lora_input
 
 # Rank of the example tensors traced at export: >= 2, because torch.export specialises a dimension seen at 1.
@@ -200,13 +193,10 @@ def export_swappable(wrapper, model, interface: Interface, base_args: list, base
     """Trace and export; the LoRA/whole inputs have no defaults yet (quantize first, then ``add_defaults``)."""
     import onnx
 
-    check_opset(opset)
     extra, extra_shapes = example_tensors(model, interface)
     names = [*input_names, *interface.input_names]
-    torch_export(wrapper, (*base_args, *extra), path, input_names=names, output_names=list(output_names),
-                 opset_version=opset, dynamo=True, dynamic_shapes={"args": (*base_shapes, *extra_shapes)},
-                 external_data=parameter_bytes(wrapper) > EXTERNAL_DATA_THRESHOLD, verbose=False)
-    art = checked_artifact(path, opset, tuple(names), tuple(output_names))
+    art = dynamo_export(wrapper, (*base_args, *extra), path, tuple(names), tuple(output_names), opset,
+                        [*base_shapes, *extra_shapes])
     graph_inputs = [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
     lost = [n for n in names if n not in graph_inputs]
     if lost:

@@ -38,18 +38,15 @@ from .tasks import FamilySpec, family_of
 from .tolerances import threshold_problem
 
 
-def _runner(root: Path, manifest: dict[str, Any]):
-    probes, inputs, reference = load_reference(root, manifest)
-    return make_runner(manifest, probes, inputs), reference, probes, inputs
-
-
 def evaluate_variants(
     root: Path, manifest: dict[str, Any], names: list[str], providers: list[str] | None = None,
-    threads: int | None = None, skip_adapters: dict[str, str] | None = None,
+    threads: int | None = None, skip_adapters: dict[str, str] | None = None, loaded: tuple | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Each variant on the stored probes against the stored PyTorch reference (and, for a bundle with
-    swappable adapters, with each adapter active and switching between them)."""
-    runner, reference, probes, inputs = _runner(root, manifest)
+    swappable adapters, with each adapter active and switching between them). ``loaded``: load_reference's
+    result, when the caller has it already."""
+    probes, inputs, reference = loaded or load_reference(root, manifest)
+    runner = make_runner(manifest, probes, inputs)
     # The base model's outputs on the probes (bundles from schema 2 on): they let a quantized variant show it kept
     # the adapter (parity.adapter_kept).
     base_file = (manifest.get("reference") or {}).get("base_outputs")
@@ -219,8 +216,10 @@ def verify_bundle(
     tokenizer_file = (manifest.get("tokenizer") or {}).get("file")
     base_file = (manifest.get("reference") or {}).get("base_outputs")
     reference_ok = not ({PROBES_JSON, INPUTS_NPZ, OUTPUTS_NPZ, tokenizer_file, base_file} & bad_files)
-    if reference_ok and tokenizer_file:
-        problems += check_tokenizer(root, manifest)
+    # Loaded once, for the tokenizer check and every variant (a damaged array is one error line).
+    reference = load_reference(root, manifest) if reference_ok else None
+    if reference is not None and tokenizer_file:
+        problems += check_tokenizer(root, manifest, reference)
     runnable = []
     results: dict[str, dict[str, Any]] = {}
     for v in names:
@@ -242,7 +241,7 @@ def verify_bundle(
         if broken:
             skip[adapter] = f"{broken[0]} failed the integrity check"
     if runnable:  # else the reference files are damaged: not even opened
-        results.update(evaluate_variants(root, manifest, runnable, providers, threads, skip))
+        results.update(evaluate_variants(root, manifest, runnable, providers, threads, skip, reference))
     results = {v: results[v] for v in names}
     user = None
     if user_texts is not None:

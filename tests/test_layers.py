@@ -98,3 +98,15 @@ def test_no_import_cycles_between_modules():
     for m in MODULES:
         if m not in state:
             visit(m, [m])
+
+
+def test_every_family_has_a_runner_and_a_builder():
+    """A family's two halves are joined by its name: the device runner and the build-side builder."""
+    from exporter.families import BUILDERS
+    from exporter.runners import RUNNERS
+    from exporter.tasks import FAMILIES, TASKS
+
+    assert set(FAMILIES) == set(RUNNERS) == set(BUILDERS)
+    for name in FAMILIES:
+        assert RUNNERS[name].family == BUILDERS[name].family == name
+    assert {t.family for t in TASKS.values()} <= set(FAMILIES)
