@@ -109,7 +109,7 @@ def latency(args) -> None:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = args.threads
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        for v, f in (("ort fp32", "model.onnx"), ("ort int8", "model.int8.onnx"), ("ort int4", "model.int4.onnx")):
+        for v, f in (("ort fp32", "onnx/model.onnx"), ("ort int8", "onnx/model_quantized.onnx"), ("ort int4", "onnx/model_q4.onnx")):
             s = ort.InferenceSession(str(out / f), opts, providers=["CPUExecutionProvider"])
             engines[v] = (lambda feeds, s=s: dict(zip(dio.output_names,
                                                       s.run(list(dio.output_names),

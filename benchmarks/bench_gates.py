@@ -469,9 +469,9 @@ def main() -> None:
                 eval_spec=ner_eval())
         for name, root, ev in (("sentiment", s_root, sentiment_eval()), ("embeddings", fe_root, None),
                                ("token cls", tc_root, ner_eval())):
-            bad_case(f"{name}: one weight +5% noise", root, ["fp32"], lambda b: perturb_weight(b / "model.onnx"))
+            bad_case(f"{name}: one weight +5% noise", root, ["fp32"], lambda b: perturb_weight(b / "onnx/model.onnx"))
             bad_case(f"{name}: int8 zero points off by one", root, ["int8"],
-                     lambda b: zero_points_off_by_one(b / "model.int8.onnx"), ev)
+                     lambda b: zero_points_off_by_one(b / "onnx/model_quantized.onnx"), ev)
             bad_case(f"{name}: wrong tokenizer", root, ["fp32"], wrong_tokenizer)
 
         if not args.no_decoder:
@@ -481,8 +481,8 @@ def main() -> None:
             d_root, _ = good_case("SmolLM2 + LoRA q/v", adapter, "text-generation", ("int8", "int4"), base=base)
             dropped("SmolLM2: adapter dropped", adapter, d_root, "text-generation", ("int8", "int4"), base=SMOL)
             bad_case("SmolLM2: plain quantize_dynamic int8", d_root, ["int8"],
-                     lambda b: plain_quantize_dynamic(d_root / "model.onnx", b / "model.int8.onnx"))
-            bad_case("SmolLM2: one weight +5% noise", d_root, ["fp32"], lambda b: perturb_weight(b / "model.onnx"))
+                     lambda b: plain_quantize_dynamic(d_root / "onnx/model.onnx", b / "onnx/model_quantized.onnx"))
+            bad_case("SmolLM2: one weight +5% noise", d_root, ["fp32"], lambda b: perturb_weight(b / "onnx/model.onnx"))
             # A second adapter: every attention and MLP projection, r=16, a larger effect.
             _, wide = make_inputs(work / "smol-wide", degrid=False, r=16, b_scale=0.03, seed=1,
                                   targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))

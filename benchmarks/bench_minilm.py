@@ -90,7 +90,7 @@ def main() -> None:
         opts.intra_op_num_threads = args.threads
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sessions = {v: ort.InferenceSession(str(out / f), opts, providers=["CPUExecutionProvider"])
-                    for v, f in (("ort fp32", "model.onnx"), ("ort int8", "model.int8.onnx"))}
+                    for v, f in (("ort fp32", "onnx/model.onnx"), ("ort int8", "onnx/model_quantized.onnx"))}
         rng = np.random.default_rng(0)
         print(f"\n## Latency (median of {args.reps} interleaved rounds, {args.threads} threads, ms)\n")
         print("| shape | torch eager fp32 | ort fp32 | ort int8 | int8 / torch |\n|---|---|---|---|---|")

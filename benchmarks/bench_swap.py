@@ -84,7 +84,7 @@ def encoder(args) -> None:
         shapes = {"b1 s16": (1, 16), "b1 s128": (1, 128), "b8 s128": (8, 128)}
         print("| variant | shape | merged ms | swappable + adapter ms | overhead | swappable, no adapter ms |")
         print("|---|---|---|---|---|---|")
-        for variant, file in (("fp32", "model.onnx"), ("int8", "model.int8.onnx")):
+        for variant, file in (("fp32", "onnx/model.onnx"), ("int8", "onnx/model_quantized.onnx")):
             sm, sk = session(merged / file, args.threads), session(keep / file, args.threads)
             for label, (b, s) in shapes.items():
                 feeds = tok.encode(texts[:b])
@@ -95,7 +95,7 @@ def encoder(args) -> None:
                 t_0 = median_ms(lambda s=sk, f=feeds: s.run(None, f), args.reps)
                 print(f"| {variant} | {label} | {t_m:.2f} | {t_k:.2f} | {100 * (t_k / t_m - 1):+.0f}% | {t_0:.2f} |")
         print("\n| variant | merged graph MB | swappable graph MB | adapter file MB |\n|---|---|---|---|")
-        for variant, file in (("fp32", "model.onnx"), ("int8", "model.int8.onnx")):
+        for variant, file in (("fp32", "onnx/model.onnx"), ("int8", "onnx/model_quantized.onnx")):
             a, b, c = sizes_row(merged, keep, file, keep / manifest["adapters"]["items"][name]["file"])
             print(f"| {variant} | {a:.1f} | {b:.1f} | {c:.2f} |")
         print()
@@ -133,7 +133,7 @@ def decoder(args) -> None:
 
         print("| variant | prefill 128 merged ms | prefill swappable ms | decode/token merged ms | "
               "decode/token swappable ms | decode overhead |\n|---|---|---|---|---|---|")
-        for variant, file in (("fp32", "model.onnx"), ("int8", "model.int8.onnx"), ("int4", "model.int4.onnx")):
+        for variant, file in (("fp32", "onnx/model.onnx"), ("int8", "onnx/model_quantized.onnx"), ("int4", "onnx/model_q4.onnx")):
             em = engine(session(merged / file, args.threads), None)
             ek = engine(session(keep / file, args.threads), active.run_options)
             p_m = median_ms(lambda e=em: e(prefill), args.reps)
@@ -143,7 +143,7 @@ def decoder(args) -> None:
             d_k = (median_ms(lambda e=ek: decode(e), max(3, args.reps // 4)) - p_k) / 16
             print(f"| {variant} | {p_m:.1f} | {p_k:.1f} | {d_m:.2f} | {d_k:.2f} | {100 * (d_k / d_m - 1):+.0f}% |")
         print("\n| variant | merged graph MB | swappable graph MB | adapter file MB |\n|---|---|---|---|")
-        for variant, file in (("fp32", "model.onnx"), ("int8", "model.int8.onnx"), ("int4", "model.int4.onnx")):
+        for variant, file in (("fp32", "onnx/model.onnx"), ("int8", "onnx/model_quantized.onnx"), ("int4", "onnx/model_q4.onnx")):
             a, b, c = sizes_row(merged, keep, file, keep / manifest["adapters"]["items"][name]["file"])
             print(f"| {variant} | {a:.1f} | {b:.1f} | {c:.2f} |")
 

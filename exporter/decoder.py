@@ -15,6 +15,7 @@ import numpy as np
 
 from .generation import DecoderIO
 from .onnx_export import (
+    BATCH_AXIS,
     EXTERNAL_DATA_THRESHOLD,
     OnnxArtifact,
     check_opset,
@@ -117,7 +118,7 @@ def decoder_example(dio: DecoderIO) -> tuple[list, list]:
     if dio.uses_position_ids:
         example.append(torch.arange(past_len, past_len + seq).expand(batch, seq).contiguous())
     example += [torch.zeros(batch, dio.num_kv_heads, past_len, dio.head_dim) for _ in dio.past_names]
-    b, s = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    b, s = torch.export.Dim(BATCH_AXIS), torch.export.Dim("sequence")
     p, t = torch.export.Dim("past_sequence"), torch.export.Dim("total_sequence")
     shapes: list[Any] = [{0: b, 1: s}, {0: b, 1: t}]
     if dio.uses_position_ids:
@@ -142,12 +143,11 @@ def export_decoder(wrapper, dio: DecoderIO, path: Path, opset: int) -> OnnxArtif
 
     check_opset(opset)
     example, _ = decoder_example(dio)
-    axes: dict[str, dict[int, str]] = {"input_ids": {0: "batch", 1: "sequence"},
-                                       "attention_mask": {0: "batch", 1: "total_sequence"},
-                                       "position_ids": {0: "batch", 1: "sequence"},
-                                       "logits": {0: "batch", 1: "sequence"}}
-    axes.update({n: {0: "batch", 2: "past_sequence"} for n in dio.past_names})
-    axes.update({n: {0: "batch", 2: "total_sequence"} for n in dio.present_names})
+    b = BATCH_AXIS
+    axes: dict[str, dict[int, str]] = {"input_ids": {0: b, 1: "sequence"}, "attention_mask": {0: b, 1: "total_sequence"},
+                                       "position_ids": {0: b, 1: "sequence"}, "logits": {0: b, 1: "sequence"}}
+    axes.update({n: {0: b, 2: "past_sequence"} for n in dio.past_names})
+    axes.update({n: {0: b, 2: "total_sequence"} for n in dio.present_names})
     names = set(dio.input_names) | set(dio.output_names)
     traced = path.parent / ".trace"
     traced.mkdir()

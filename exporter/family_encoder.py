@@ -122,12 +122,12 @@ class EncoderBuild(FamilyBuild):
     def export_swappable(self, model, interface, path: Path, opset: int):
         import torch
 
-        from .onnx_export import example_feeds
+        from .onnx_export import BATCH_AXIS, example_feeds
         from .swap_export import export_swappable, make_swappable
 
         wrapper = make_swappable(self.wrap(model), len(self.names), interface)
         example = example_feeds(self.feeds[-1])
-        batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+        batch, seq = torch.export.Dim(BATCH_AXIS), torch.export.Dim("sequence")
         return export_swappable(wrapper, model, interface, [torch.from_numpy(a) for a in example.values()],
                                 [{0: batch, 1: seq} for _ in self.names], self.names, self.output_names, path, opset)
 

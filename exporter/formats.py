@@ -19,6 +19,12 @@ SIGNATURE = "manifest.json.sig"
 # The manifest layout this version writes (older ones still verify).
 SCHEMA_VERSION = 2
 
+# Each variant's graph, where transformers.js looks for it (onnx/, by dtype: fp32, q8, fp16, q4), so the bundle
+# is a transformers.js model folder as it is; optimum's ORTModel classes load them with subfolder="onnx".
+# Bundles record the paths in their manifest (older ones have model.onnx, model.int8.onnx, ... at the top).
+VARIANT_FILES = {"fp32": "onnx/model.onnx", "int8": "onnx/model_quantized.onnx", "fp16": "onnx/model_fp16.onnx",
+                 "int4": "onnx/model_q4.onnx"}
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"

@@ -25,7 +25,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "build": (
         "loading", "embedded", "merge", "onnx_export", "decoder", "swap_export", "quantize", "weightonly",
         "datasets", "taskeval", "spec", "stages", "staging", "tokenizer_files", "family_base",
-        "family_encoder", "family_decoder", "families", "manifest", "pipeline",
+        "family_encoder", "family_decoder", "families", "consumers", "manifest", "pipeline",
         "swap_build", "swap_add",
     ),
     "train": ("recipes", "finetune", "run"),

@@ -22,6 +22,7 @@ from .bundle import (
     file_hashes,
     write_manifest,
 )
+from .consumers import write_consumer_files
 from .cpu import cpu_features
 from .family_base import BuildContext
 from .onnx_export import MIN_ORT_FOR_OPSET
@@ -61,32 +62,35 @@ def manifest_head(spec: ExportSpec, task, base, adapter, num_parameters: int) ->
     }
 
 
-def manifest_tail(spec: ExportSpec, artifacts: dict, task: TaskSpec, effect: dict,
-                   required: float, meaningful: bool, base_reference: bool = False) -> dict[str, Any]:
+def manifest_tail(ctx: BuildContext, artifacts: dict, effect: dict, required: float, meaningful: bool,
+                  base_reference: bool = False) -> dict[str, Any]:
     """The manifest fields every family shares, last: reference files (``base_reference``: the base model's
     outputs too), variants and their gates."""
     return {
         "reference": {"probes": PROBES_JSON, "inputs": INPUTS_NPZ, "outputs": OUTPUTS_NPZ,
                       **({"base_outputs": BASE_OUTPUTS_NPZ} if base_reference else {})},
-        "variants": variant_entries(artifacts, task, spec),
+        "variants": variant_entries(artifacts, ctx.task, ctx.spec, ctx.staging),
         "adapter_effect": {"max_abs_diff": effect, "required_min": required, "meaningful": meaningful},
-        "spec": spec.recorded(),
+        "spec": ctx.spec.recorded(),
         "versions": versions(),
         # The CPU the export's parity ran on (verify reports the device's beside it).
         "verified_on": {"cpu": cpu_features()},
     }
 
 
-def variant_entries(artifacts: dict, task: TaskSpec, spec: ExportSpec) -> dict[str, Any]:
+def variant_entries(artifacts: dict, task: TaskSpec, spec: ExportSpec, staging: Path) -> dict[str, Any]:
     """The manifest's variants: files, what each holds, and the gate verify must re-apply (the defaults with
     the user's --tolerance overrides, which are recorded beside them)."""
     from .quantize import variant_dtype
     from .tolerances import effective_gate
 
+    def rel(path: Path) -> str:
+        return path.relative_to(staging).as_posix()
+
     entries = {}
     for name, a in artifacts.items():
         thresholds, overridden = effective_gate(task.name, name, spec.tolerances)
-        entries[name] = {"file": a.path.name, "data_files": [d.name for d in a.data_files],
+        entries[name] = {"file": rel(a.path), "data_files": [rel(d) for d in a.data_files],
                          "dtype": variant_dtype(name, decoder=task.is_decoder, block_size=spec.int4_block_size,
                                                 int4_embedding=spec.int4_embedding),
                          "thresholds": thresholds, **({"user_tolerances": overridden} if overridden else {})}
@@ -114,8 +118,7 @@ def finish(ctx: BuildContext, manifest: dict[str, Any], results: dict, warnings:
     report = new_report("export", manifest, results, Path(spec.out).name,  # the folder name: no machine path
                         warnings=warnings, timings=ctx.stages.timings, task_metrics=task_metrics,
                         training=spec.training,
-                        sizes={name: sum((staging / f).stat().st_size
-                                         for f in [a.path.name, *[d.name for d in a.data_files]])
+                        sizes={name: sum(f.stat().st_size for f in [a.path, *a.data_files])
                                for name, a in artifacts.items()},
                         **(extra or {}))
     manifest["task_metrics"] = task_metrics
@@ -123,6 +126,7 @@ def finish(ctx: BuildContext, manifest: dict[str, Any], results: dict, warnings:
         (staging / "recipe.yaml").write_text(spec.recipe_yaml, encoding="utf-8")
     if spec.include_adapter:
         shutil.copytree(ctx.adapter.path, staging / "adapter")
+    write_consumer_files(staging, manifest)
     write_report(staging, report)
     manifest["files"] = file_hashes(staging)
     write_manifest(staging, manifest)

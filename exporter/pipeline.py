@@ -20,7 +20,7 @@ from .errors import (
 )
 from .family_base import BuildContext
 from .manifest import copy_base_docs, finish, manifest_head, manifest_tail
-from .onnx_export import MIN_ORT_FOR_OPSET
+from .onnx_export import MIN_ORT_FOR_OPSET, graph_path
 from .quantize import quantize_all
 from .report import Report
 from .spec import ExportSpec, normalize_modes
@@ -219,7 +219,7 @@ def _build(ctx: BuildContext, staging: Path) -> dict[str, Any]:
     required = fam.required(reference)
     weak = weak_adapter_warning(max(effect.values()), required)
     warnings += [weak] if weak else []
-    fp32 = stages.run("export", "exporting to ONNX (fp32)", fam.export, merged, staging / "model.onnx", spec.opset)
+    fp32 = stages.run("export", "exporting to ONNX (fp32)", fam.export, merged, graph_path(staging), spec.opset)
     merged.config.to_json_file(str(staging / "config.json"))
     num_parameters = sum(p.numel() for p in merged.parameters())
     fam.describe(merged, tok)
@@ -236,7 +236,7 @@ def _build(ctx: BuildContext, staging: Path) -> dict[str, Any]:
         **manifest_head(spec, task, base, adapter, num_parameters),
         **fam.manifest_fields(labels, tok, pad_source),
         "probes": fam.probes_manifest(),
-        **manifest_tail(spec, artifacts, task, effect, required, weak is None, base_reference=True),
+        **manifest_tail(ctx, artifacts, effect, required, weak is None, base_reference=True),
     }
     if "int4" in manifest["variants"]:
         manifest["variants"]["int4"]["modules_8bit"] = list(adapter.changed_modules)

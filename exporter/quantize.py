@@ -6,11 +6,11 @@ import logging
 from pathlib import Path
 
 from .errors import ExporterError, UnsupportedError
+from .formats import VARIANT_FILES
 from .onnx_export import OnnxArtifact
 from .stages import Stages
 
 QUANTIZE_MODES = ("int8", "fp16", "int4")
-VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx", "int4": "model.int4.onnx"}
 DEFAULT_INT4_BLOCK = 32
 
 

@@ -177,6 +177,7 @@ def build_swappable(ctx: BuildContext, adapters: list[tuple[str, Any]]) -> Repor
     from .formats import sha256_file
     from .manifest import copy_base_docs, finish, manifest_head, manifest_tail
     from .merge import full_tensor_names, load_base_model, resolve_labels
+    from .onnx_export import graph_path
     from .quantize import quantize_all
     from .swap_export import add_defaults, base_defaults, inject
     from .tokenizer_files import save_tokenizer
@@ -232,7 +233,7 @@ def build_swappable(ctx: BuildContext, adapters: list[tuple[str, Any]]) -> Repor
     interface = make_interface(prepared, graph_model)
     inject(graph_model, interface)
     fp32 = stages.run("export", "exporting the base with LoRA inputs to ONNX (fp32)", fam.export_swappable,
-                      graph_model, interface, staging / "model.onnx", spec.opset)
+                      graph_model, interface, graph_path(staging), spec.opset)
     defaults = base_defaults(graph_model, interface)
     graph_model.config.to_json_file(str(staging / "config.json"))
     num_parameters = sum(p.numel() for p in graph_model.parameters())
@@ -261,7 +262,7 @@ def build_swappable(ctx: BuildContext, adapters: list[tuple[str, Any]]) -> Repor
         **manifest_head(spec, task, base, first, num_parameters),
         **fam.manifest_fields(one_labels, tok, pad_source),
         "probes": fam.probes_manifest(),
-        **manifest_tail(spec, artifacts, task, effect, required, meaningful),
+        **manifest_tail(ctx, artifacts, effect, required, meaningful),
     }
     manifest["adapter"] = None
     manifest["adapters"] = {

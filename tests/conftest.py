@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import venv
 from pathlib import Path
 
 import pytest
@@ -105,3 +108,49 @@ def bundle(factory, tmp_path):
     b = tmp_path / "b"
     shutil.copytree(out, b)
     return b
+
+
+# --- other runtimes, for the consumers tests (issue 14) ---------------------------------------------------------
+
+CONSUMERS = Path(os.environ.get("EXPORT_ADAPTER_CACHE", Path.home() / ".cache" / "export-adapter")) / "consumers"
+REQUIRE_CONSUMERS = os.environ.get("EXPORT_ADAPTER_REQUIRE_CONSUMERS") == "1"
+
+
+def _missing(what: str) -> None:
+    if REQUIRE_CONSUMERS:
+        pytest.fail(f"{what} (EXPORT_ADAPTER_REQUIRE_CONSUMERS=1)")
+    pytest.skip(what)
+
+
+@pytest.fixture(scope="session")
+def node_modules() -> Path:
+    """@huggingface/transformers installed once into the cache (its onnxruntime-node binaries are in the
+    package, so the postinstall download is skipped)."""
+    if not (shutil.which("node") and shutil.which("npm")):
+        _missing("node and npm are not installed (apt install nodejs npm)")
+    root = CONSUMERS / "transformers-js"
+    if not (root / "node_modules" / "@huggingface" / "transformers" / "package.json").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "package.json").write_text('{"name": "consumers", "private": true, "type": "module"}')
+        r = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "@huggingface/transformers@4"], cwd=root,
+                           env={**os.environ, "ONNXRUNTIME_NODE_INSTALL": "skip"}, capture_output=True, text=True,
+                           timeout=900)
+        if r.returncode:
+            _missing(f"npm install @huggingface/transformers failed: {r.stderr[-300:]}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def genai_python() -> Path:
+    """onnxruntime-genai in a side venv (it pins its own onnxruntime)."""
+    root = CONSUMERS / "genai-venv"
+    python = root / "bin" / "python"
+    if not python.is_file() or subprocess.run([str(python), "-c", "import onnxruntime_genai"]).returncode:
+        venv.create(root, with_pip=True, clear=True)
+        r = subprocess.run([str(python), "-m", "pip", "install", "-q", "onnxruntime-genai==0.18.0"],
+                           capture_output=True, text=True, timeout=900)
+        if r.returncode:
+            _missing(f"pip install onnxruntime-genai failed: {r.stderr[-300:]}")
+    return python
+
+

@@ -93,12 +93,12 @@ def test_verify_tampered_bundle_exits_3_and_names_file(runner, factory, tmp_path
     out, _ = factory.bundle("bert", "text-classification")
     b = tmp_path / "b"
     shutil.copytree(out, b)
-    data = bytearray((b / "model.int8.onnx").read_bytes())
+    data = bytearray((b / "onnx/model_quantized.onnx").read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (b / "model.int8.onnx").write_bytes(bytes(data))
+    (b / "onnx/model_quantized.onnx").write_bytes(bytes(data))
     r = runner.invoke(cli, ["verify", str(b)])
     assert r.exit_code == 3
-    assert "model.int8.onnx" in r.stdout and "VERIFICATION FAILED" in r.stdout
+    assert "onnx/model_quantized.onnx" in r.stdout and "VERIFICATION FAILED" in r.stdout
 
     shutil.rmtree(b)
     shutil.copytree(out, b)

@@ -33,13 +33,13 @@ def test_decoder_export_passes_every_gate(factory, arch):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["family"] == "decoder" and manifest["task"] == "text-generation"
     dio = DecoderIO.from_json(manifest["decoder"])
-    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    model = onnx.load(str(out / "onnx/model.onnx"), load_external_data=False)
     assert [i.name for i in model.graph.input] == list(dio.input_names)
     assert [o.name for o in model.graph.output] == list(dio.output_names)
     assert dio.input_names[:3] == ("input_ids", "attention_mask", "position_ids")
     assert dio.past_names[0] == "past_key_values.0.key" and dio.present_names[-1].startswith("present.1.value")
     # int4 really is 4-bit: MatMulNBits replaced the MatMuls (GPT-2's Conv1D included).
-    q = onnx.load(str(out / "model.int4.onnx"), load_external_data=False)
+    q = onnx.load(str(out / "onnx/model_q4.onnx"), load_external_data=False)
     assert sum(n.op_type == "MatMulNBits" for n in q.graph.node) >= 2 * 2
 
 
@@ -140,9 +140,9 @@ def test_int4_embedding_option_quantizes_the_gather(factory, tmp_path):
     r = CliRunner().invoke(cli, ["export", "--adapter", str(factory.decoder_adapter("gpt2")), "-o", str(tmp_path / "b"),
                                  "--quantize", "int4", "--int4-embedding", "--int4-block-size", "16", "-q", "--json"])
     assert r.exit_code in (0, 3), r.output
-    q = onnx.load(str((tmp_path / ("b" if r.exit_code == 0 else "b.rejected")) / "model.int4.onnx"))
+    q = onnx.load(str((tmp_path / ("b" if r.exit_code == 0 else "b.rejected")) / "onnx/model_q4.onnx"))
     assert any(n.op_type == "GatherBlockQuantized" for n in q.graph.node)
-    assert json.loads(r.stdout)["variants"]["int4"]["file"] == "model.int4.onnx"
+    assert json.loads(r.stdout)["variants"]["int4"]["file"] == "onnx/model_q4.onnx"
 
 
 def _peft_config(kind: str):

@@ -33,7 +33,7 @@ def test_export_passes_gates_and_writes_contract(factory, arch, task):
     fp32 = data["variants"]["fp32"]["outputs"]
     for m in fp32.values():
         assert m["n_over_tolerance"] == 0 and m["max_abs_diff"] <= FP32_ATOL + FP32_RTOL * 10
-    for name in ("model.onnx", "model.int8.onnx", "model.fp16.onnx", "tokenizer.json", "config.json",
+    for name in ("onnx/model.onnx", "onnx/model_quantized.onnx", "onnx/model_fp16.onnx", "tokenizer.json", "config.json",
                  "parity.json", "parity.md", MANIFEST, MANIFEST_SHA, "reference/probes.json",
                  "reference/inputs.npz", "reference/outputs.npz"):
         assert (out / name).is_file(), name
@@ -66,12 +66,12 @@ def test_onnx_graph_has_dynamic_axes_and_standard_ops_only(factory):
     import onnx
 
     out, _ = factory.bundle("bert", "text-classification")
-    model = onnx.load(str(out / "model.onnx"))
+    model = onnx.load(str(out / "onnx/model.onnx"))
     domains = {n.domain for n in model.graph.node}
     assert domains <= {"", "ai.onnx"}, domains
     for inp in model.graph.input:
         dims = [d.dim_param for d in inp.type.tensor_type.shape.dim]
-        assert dims == ["batch", "sequence"], (inp.name, dims)
+        assert dims == ["batch_size", "sequence"], (inp.name, dims)
     assert [o.name for o in model.graph.output] == ["logits"]
 
 

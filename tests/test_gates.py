@@ -200,8 +200,8 @@ def test_verify_probe_texts_judges_quantized_variants_against_fp32(factory, tmp_
     # A damaged int8 (the classifier's weights x50, the manifest re-hashed to match): the user's texts catch it.
     bad = tmp_path / "bad"
     shutil.copytree(out, bad)
-    shutil.copyfile(bad / "model.onnx", bad / "model.int8.onnx")
-    _scale_classifier(bad / "model.int8.onnx", 50.0)
+    shutil.copyfile(bad / "onnx/model.onnx", bad / "onnx/model_quantized.onnx")
+    _scale_classifier(bad / "onnx/model_quantized.onnx", 50.0)
     m = read_manifest(bad)
     m["files"] = file_hashes(bad)
     write_manifest(bad, m)

@@ -41,8 +41,8 @@ def test_export_without_the_adapter_fails_fp32_gate(factory, tmp_path):
     names = tuple(i["name"] for i in manifest["inputs"])
     wrapper = make_wrapper(base, TASKS["text-classification"], names, None)
     feeds = {n: np.ones((2, 5), dtype=np.int64) for n in names}
-    (bad / "model.onnx").unlink()
-    export_onnx(wrapper, feeds, bad / "model.onnx", TASKS["text-classification"])
+    (bad / "onnx/model.onnx").unlink()
+    export_onnx(wrapper, feeds, bad / "onnx/model.onnx", TASKS["text-classification"])
     result = evaluate_variants(bad, manifest, ["fp32"])["fp32"]
     assert not result["passed"]
     assert result["outputs"]["logits"]["n_over_tolerance"] > 0
@@ -53,7 +53,7 @@ def test_export_without_the_adapter_fails_fp32_gate(factory, tmp_path):
 def test_perturbed_weight_fails_fp32_gate(factory, tmp_path, scale):
     out, _ = factory.bundle("bert", "text-classification")
     bad = _copy(out, tmp_path / "perturbed")
-    model = onnx.load(str(bad / "model.onnx"))
+    model = onnx.load(str(bad / "onnx/model.onnx"))
     # Perturb one weight matrix that a MatMul consumes (a projection, not the embedding table) by 5% noise.
     matmul_inputs = {x for n in model.graph.node if n.op_type in ("MatMul", "Gemm") for x in n.input}
     init = next(i for i in model.graph.initializer if len(i.dims) == 2 and i.name in matmul_inputs)
@@ -61,14 +61,14 @@ def test_perturbed_weight_fails_fp32_gate(factory, tmp_path, scale):
     rng = np.random.default_rng(0)
     w += scale * np.abs(w).mean() * rng.standard_normal(w.shape).astype(w.dtype)
     init.CopyFrom(numpy_helper.from_array(w, init.name))
-    onnx.save(model, str(bad / "model.onnx"))
+    onnx.save(model, str(bad / "onnx/model.onnx"))
     manifest = read_manifest(bad)
     result = evaluate_variants(bad, manifest, ["fp32"])["fp32"]
     assert not result["passed"], result["outputs"]
     # verify also flags the file itself as modified, independently of the numbers.
     report = verify_bundle(bad, ["fp32"])
     assert not report["passed"]
-    assert any(p.startswith("model.onnx:") for p in report["integrity"]["problems"])
+    assert any(p.startswith("onnx/model.onnx:") for p in report["integrity"]["problems"])
 
 
 def test_gate_rejects_non_finite_outputs():

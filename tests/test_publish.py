@@ -31,8 +31,9 @@ def test_external_data_bundle_verifies_from_another_directory(factory, tmp_path,
             assert f in manifest["files"] and (out / f).is_file()
     import onnx
 
-    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    graph = onnx.load(str(out / "onnx/model.onnx"), load_external_data=False)
     external = [i for i in graph.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
+    # Relative to the graph's own folder (onnx/), as onnxruntime resolves it.
     assert external and {e.value for i in external for e in i.external_data if e.key == "location"} == {
         "model.onnx.data"}
     other = tmp_path / "elsewhere"
@@ -40,14 +41,14 @@ def test_external_data_bundle_verifies_from_another_directory(factory, tmp_path,
     monkeypatch.chdir(other)
     assert verify_bundle(os.path.relpath(out, other))["passed"]
     # A flipped byte in the external data is caught by name.
-    data = out / "model.onnx.data"
+    data = out / "onnx/model.onnx.data"
     raw = bytearray(data.read_bytes())
     raw[100] ^= 0x01
     data.write_bytes(bytes(raw))
     report = verify_bundle(out)
     assert not report["passed"]
-    assert any(p.startswith("model.onnx.data:") for p in report["integrity"]["problems"])
-    assert report["variants"]["fp32"]["failures"] == ["not run: model.onnx.data failed the integrity check"]
+    assert any(p.startswith("onnx/model.onnx.data:") for p in report["integrity"]["problems"])
+    assert report["variants"]["fp32"]["failures"] == ["not run: onnx/model.onnx.data failed the integrity check"]
 
 
 def test_second_export_into_locked_out_fails_cleanly(factory, tmp_path):

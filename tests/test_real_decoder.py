@@ -12,8 +12,10 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from test_consumers import TJS_GENERATE, greedy_ids, run_genai, run_node
 from test_torch_free import run_blocked
 
+from exporter import BundleGenerator
 from exporter.cli import cli
 
 SMOL = "embedded:SmolLM2-135M-Instruct"
@@ -80,7 +82,7 @@ def test_quantized_decoder_has_one_copy_of_the_tied_embedding(smol):
     import onnx
 
     _, out, _ = smol
-    for name in ("model.int8.onnx", "model.int4.onnx"):
+    for name in ("onnx/model_quantized.onnx", "onnx/model_q4.onnx"):
         g = onnx.load(str(out / name)).graph
         ops = [n.op_type for n in g.node]
         assert "GatherBlockQuantized" in ops and "MatMulInteger" not in ops, name
@@ -92,7 +94,7 @@ def test_quantized_decoder_has_one_copy_of_the_tied_embedding(smol):
         levels = {a.i for n in g.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
         assert levels == {4}, levels
     # int4 keeps the modules the adapter changed (q_proj, v_proj) and the lm_head at 8 bits, the rest at 4.
-    g = onnx.load(str(out / "model.int4.onnx"), load_external_data=False).graph
+    g = onnx.load(str(out / "onnx/model_q4.onnx"), load_external_data=False).graph
     bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in g.node if n.op_type == "MatMulNBits"}
     by_module = {}
     for name, b in bits.items():
@@ -147,3 +149,26 @@ def test_probe_prompts_are_real_text_for_the_real_tokenizer(smol):
     assert manifest["probes"]["builtin_unk_share"] == 0.0  # byte-level BPE: nothing is <unk>
     arrays = np.load(out / "reference" / "inputs.npz")
     assert int(arrays["0.input_ids"].max()) < 49152
+
+
+SMOL_PROMPTS = ["The capital of France is", "Once upon a time", "Convert 5 miles to kilometres."]
+
+
+@pytest.mark.consumers
+def test_onnxruntime_genai_with_its_own_tokenizer_generates_what_generate_does(smol, genai_python, tmp_path):
+    """The real SmolLM2 bundle in onnxruntime-genai as it is: its tokenizer (tokenizer.json, tokenizer_config.json)
+    and genai_config.json, on the default variant."""
+    _, out, _ = smol
+    manifest = json.loads((out / "manifest.json").read_text())
+    got = run_genai(genai_python, out, 8, SMOL_PROMPTS, tmp_path)
+    g = BundleGenerator(out)
+    assert [ids for ids, _ in got] == [g.tokenizer.encode(p).ids for p in SMOL_PROMPTS]
+    assert [new for _, new in got] == greedy_ids(out, manifest["default_variant"], 8, SMOL_PROMPTS)
+
+
+@pytest.mark.consumers
+def test_transformers_js_generates_with_the_real_tokenizer_what_generate_does(smol, node_modules):
+    _, out, _ = smol
+    for dtype, variant in (("q8", "int8"), ("q4", "int4")):
+        got = run_node(node_modules, TJS_GENERATE, str(out), dtype, "8", *SMOL_PROMPTS)
+        assert [new for _, new in got] == greedy_ids(out, variant, 8, SMOL_PROMPTS), dtype

@@ -86,12 +86,12 @@ def test_nan_in_the_base_is_caught_before_any_onnx_file(factory, tmp_path):
 
 def test_disk_full_during_quantization(factory, tmp_path, monkeypatch):
     def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".out.staging-x1" / "model.int8.onnx"))
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".out.staging-x1" / "onnx/model_quantized.onnx"))
 
     monkeypatch.setattr("exporter.quantize._int8", full)
     out = tmp_path / "out"
     r = run_export(factory.adapter("bert", "text-classification"), out)
-    assert_clean_failure(r, out, f"cannot write the bundle (model.int8.onnx): {tmp_path}: No space left on device",
+    assert_clean_failure(r, out, f"cannot write the bundle (onnx/model_quantized.onnx): {tmp_path}: No space left on device",
                          "free some space (or inodes)")
 
 
@@ -112,9 +112,9 @@ def test_reexport_with_overwrite_leaves_no_stale_external_data(factory, tmp_path
     out = tmp_path / "out"
     adapter = factory.adapter("bert", "text-classification")
     assert run_export(adapter, out, "--quantize", "none").exit_code == 0
-    first = (out / "model.onnx.data").stat().st_size
+    first = (out / "onnx/model.onnx.data").stat().st_size
     assert run_export(adapter, out, "--quantize", "none", "--overwrite").exit_code == 0
-    assert (out / "model.onnx.data").stat().st_size == first
+    assert (out / "onnx/model.onnx.data").stat().st_size == first
     assert verify_bundle(out)["passed"]
 
 

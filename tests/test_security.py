@@ -89,10 +89,10 @@ def test_symlinks_in_a_bundle_are_refused_and_never_hashed(bundle, tmp_path):
 
 def test_a_file_the_manifest_uses_must_be_hashed(bundle):
     m = read_manifest(bundle)
-    del m["files"]["model.int8.onnx"]
+    del m["files"]["onnx/model_quantized.onnx"]
     write_manifest(bundle, m)
     r = CliRunner().invoke(cli, ["verify", str(bundle)])
-    assert r.exit_code == 3 and "model.int8.onnx: used by the manifest but not among its hashed files" in r.output
+    assert r.exit_code == 3 and "onnx/model_quantized.onnx: used by the manifest but not among its hashed files" in r.output
 
 
 @pytest.mark.parametrize("mutate, needle", [
@@ -227,8 +227,8 @@ def test_manifest_fields_that_do_not_fit_the_graph_are_exit_3_for_infer(bundle, 
 def test_a_fifo_in_place_of_a_model_does_not_hang_infer(bundle):
     import signal
 
-    (bundle / "model.int8.onnx").unlink()
-    os.mkfifo(bundle / "model.int8.onnx")
+    (bundle / "onnx/model_quantized.onnx").unlink()
+    os.mkfifo(bundle / "onnx/model_quantized.onnx")
     signal.alarm(60)  # a hang would otherwise stall the suite
     try:
         r = CliRunner().invoke(cli, ["infer", str(bundle), "--variant", "int8", "hello"])

@@ -53,7 +53,7 @@ def test_layout_manifest_contract_and_graph(factory):
     # The base's classifier is untrained (random) without an adapter.
     assert section["base_gate"] == "fp32-only"
     assert section["untrained_base_tensors"] == ["classifier.bias", "classifier.weight"]
-    assert section["graph_sha256"] == sha256_file(out / "model.onnx")
+    assert section["graph_sha256"] == sha256_file(out / "onnx/model.onnx")
     for name, rank in (("first", 4), ("second", 8)):
         item = section["items"][name]
         assert (out / item["file"]).is_file() and (out / item["reference"]).is_file()
@@ -66,7 +66,7 @@ def test_layout_manifest_contract_and_graph(factory):
         q = "bert.encoder.layer.0.attention.self.query"
         assert item["parameters"][f"{q}.lora_A"] == {"shape": [32, rank], "dtype": "float32"}
         assert item["parameters"][f"{q}.lora_B"] == {"shape": [rank, 32], "dtype": "float32"}
-    graph = onnx.load(str(out / "model.onnx"))
+    graph = onnx.load(str(out / "onnx/model.onnx"))
     inputs = {i.name: i for i in graph.graph.input}
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.graph.initializer}
     interface = Interface.from_json(section["interface"])
@@ -114,7 +114,7 @@ def test_adapter_equals_its_merged_export(factory, tmp_path):
 def test_switching_in_one_session_and_adapters_kept_alive(factory):
     out, _ = factory.swap_bundle("encoder")
     m = read_manifest(out)
-    session = make_session(out / "model.int8.onnx")
+    session = make_session(out / "onnx/model_quantized.onnx")
     feeds = BundleModel(out, "fp32", adapter="first").encode(TEXTS)
     holders = {n: ActiveAdapters(out, m, [n]) for n in ("first", "second")}
 
@@ -134,7 +134,7 @@ def test_switching_in_one_session_and_adapters_kept_alive(factory):
 
 def test_quantized_base_keeps_adapters_fp32(factory):
     out, report = factory.swap_bundle("encoder")
-    graph = onnx.load(str(out / "model.int8.onnx"))
+    graph = onnx.load(str(out / "onnx/model_quantized.onnx"))
     interface = Interface.from_json(read_manifest(out)["adapters"]["interface"])
     lora = set(interface.input_names)
     users = [n for n in graph.graph.node if lora & set(n.input)]
@@ -242,7 +242,7 @@ def test_add_adapter(factory, tmp_path):
         assert set(v["adapters"]) == {"first", "second", "third"} and v["switching"]["configurations"] == 4
     m = read_manifest(dst)
     assert m["adapters"]["items"]["third"]["rank"] == 2
-    assert sha256_file(dst / "model.onnx") == sha256_file(out / "model.onnx")  # the base was not re-exported
+    assert sha256_file(dst / "onnx/model.onnx") == sha256_file(out / "onnx/model.onnx")  # the base was not re-exported
     assert verify_bundle(dst)["passed"]
     assert len(BundleModel(dst, adapter="third").infer(TEXTS)) == 3
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle")]

@@ -1,0 +1,199 @@
+"""Other runtimes load a bundle as it is and reproduce its numbers (issue 14).
+
+The packaging checks run by default. The consumers themselves (transformers.js in Node, onnxruntime-genai in a
+side venv) are marked ``consumers``: their fixtures (conftest.py) install the runtime on first use (npm, pip)
+into a cache folder, and CI runs them (``python -m pytest -m consumers``). Without node/npm they skip, unless
+EXPORT_ADAPTER_REQUIRE_CONSUMERS=1 (CI), where a missing consumer fails.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exporter import BundleGenerator, BundleModel
+from exporter.generation import stream
+
+TEXTS = ["I loved every minute of this film.", "Terrible, boring and far too long.", "ok"]
+PROMPTS = ["the cat sat on", "a dog", "once upon a time there was"]
+
+
+@pytest.fixture(scope="module")
+def encoder_bundle(factory):
+    return factory.bundle("bert", "text-classification")[0]
+
+
+@pytest.fixture(scope="module")
+def decoder_bundle(factory):
+    return factory.decoder_bundle("llama")[0]
+
+
+# --- the packaging, checked without any consumer ---------------------------------------------------------------
+
+
+def _graphs(bundle: Path) -> list[Path]:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    return [bundle / v["file"] for v in manifest["variants"].values()]
+
+
+@pytest.mark.parametrize("which", ["encoder_bundle", "decoder_bundle"])
+def test_graphs_carry_no_node_metadata_and_name_the_batch_axis_batch_size(which, request):
+    import onnx
+
+    bundle = request.getfixturevalue(which)
+    graphs = _graphs(bundle)
+    assert {g.relative_to(bundle).parts[0] for g in graphs} == {"onnx"}
+    for path in graphs:
+        raw = path.read_bytes()
+        # The exporter's stack traces name the exporting machine's files.
+        assert b"site-packages" not in raw and str(Path(sys.prefix)).encode() not in raw, path.name
+        model = onnx.load(str(path), load_external_data=False)
+        assert sum(len(n.metadata_props) for n in model.graph.node) == 0, path.name
+        first = model.graph.input[0].type.tensor_type.shape.dim[0]
+        assert first.dim_param == "batch_size", (path.name, first)
+
+
+def test_tokenizer_config_loads_as_the_generic_fast_tokenizer_with_the_bundle_ids(decoder_bundle, encoder_bundle):
+    from transformers import AutoTokenizer
+
+    for bundle in (encoder_bundle, decoder_bundle):
+        config = json.loads((bundle / "tokenizer_config.json").read_text())
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        assert config["tokenizer_class"] != "TokenizersBackend"  # transformers 5 only
+        assert not {"is_local", "local_files_only"} & set(config)
+        assert config["model_max_length"] == ((manifest.get("generation") or {}).get("context_length")
+                                              or manifest["tokenizer"]["max_length"])
+        tok = AutoTokenizer.from_pretrained(str(bundle))
+        ours = BundleModel(bundle).tokenizer if manifest.get("family") != "decoder" else \
+            BundleGenerator(bundle).tokenizer
+        for text in TEXTS:
+            assert tok(text)["input_ids"] == ours.encode(text).ids, (bundle.name, text)
+    config = json.loads((decoder_bundle / "tokenizer_config.json").read_text())
+    assert config["padding_side"] == "left" and config["add_bos_token"] is True  # the tiny Llama's adds [CLS]
+
+
+def test_genai_config_describes_the_default_variant(decoder_bundle):
+    manifest = json.loads((decoder_bundle / "manifest.json").read_text())
+    config = json.loads((decoder_bundle / "genai_config.json").read_text())
+    decoder = config["model"]["decoder"]
+    assert decoder["filename"] == manifest["variants"][manifest["default_variant"]]["file"]
+    assert decoder["num_hidden_layers"] == manifest["decoder"]["num_layers"]
+    assert decoder["num_key_value_heads"] == manifest["decoder"]["num_kv_heads"]
+    assert decoder["head_size"] == manifest["decoder"]["head_dim"]
+    assert config["search"]["past_present_share_buffer"] is False
+    assert "genai_config.json" in manifest["files"]
+
+
+# --- the consumers themselves ---------------------------------------------------------------------------------
+
+
+def greedy_ids(bundle: Path, variant: str, n: int, prompts: list[str] = PROMPTS) -> list[list[int]]:
+    """Our generate's greedy tokens (EOS not stopping: consumers are asked for exactly n)."""
+    g = BundleGenerator(bundle, variant=variant)
+    return [list(stream(g.step, g.io, g.tokenizer.encode(p).ids, max_new_tokens=n, eos_ids=set(),
+                        max_length=int(g.gen["context_length"]))) for p in prompts]
+
+
+def run_node(node_modules: Path, script: str, *args: str) -> object:
+    path = node_modules / "run.mjs"
+    path.write_text(script)
+    r = subprocess.run(["node", str(path), *args], cwd=node_modules, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+TJS_CLASSIFY = """
+import { env, AutoTokenizer, AutoModelForSequenceClassification } from '@huggingface/transformers';
+const [dir, dtype, ...texts] = process.argv.slice(2);
+env.allowRemoteModels = false; env.localModelPath = '/';
+const tok = await AutoTokenizer.from_pretrained(dir);
+const model = await AutoModelForSequenceClassification.from_pretrained(dir, { dtype, device: 'cpu' });
+const out = [];
+for (const t of texts) { const r = await model(await tok(t)); out.push(Array.from(r.logits.data)); }
+console.log(JSON.stringify(out));
+"""
+
+TJS_GENERATE = """
+import { env, AutoTokenizer, AutoModelForCausalLM } from '@huggingface/transformers';
+const [dir, dtype, n, ...prompts] = process.argv.slice(2);
+env.allowRemoteModels = false; env.localModelPath = '/';
+const tok = await AutoTokenizer.from_pretrained(dir);
+const model = await AutoModelForCausalLM.from_pretrained(dir, { dtype, device: 'cpu' });
+const out = [];
+for (const p of prompts) {
+  const inputs = tok(p);
+  const ids = (await model.generate({ ...inputs, max_new_tokens: Number(n), min_new_tokens: Number(n),
+                                      do_sample: false })).tolist()[0].map(Number);
+  out.push([inputs.input_ids.tolist()[0].map(Number), ids.slice(inputs.input_ids.dims[1])]);
+}
+console.log(JSON.stringify(out));
+"""
+
+# transformers.js dtype -> our variant (the file each loads: onnx/model.onnx, _quantized, _fp16, _q4)
+TJS_DTYPES = {"fp32": "fp32", "q8": "int8", "fp16": "fp16", "q4": "int4"}
+
+
+@pytest.mark.consumers
+def test_transformers_js_classifies_like_infer(node_modules, encoder_bundle):
+    for dtype in ("fp32", "q8", "fp16"):
+        got = np.array(run_node(node_modules, TJS_CLASSIFY, str(encoder_bundle), dtype, *TEXTS))
+        model = BundleModel(encoder_bundle, variant=TJS_DTYPES[dtype])
+        ours = np.stack([model.run(model.encode([t]))["logits"][0] for t in TEXTS])
+        # The same graph on onnxruntime (node binding vs Python wheel): equal up to float rounding.
+        np.testing.assert_allclose(got, ours, atol=1e-4, rtol=1e-4, err_msg=dtype)
+
+
+@pytest.mark.consumers
+def test_transformers_js_generates_the_tokens_generate_does(node_modules, decoder_bundle):
+    for dtype in ("fp32", "q8", "q4"):
+        got = run_node(node_modules, TJS_GENERATE, str(decoder_bundle), dtype, "6", *PROMPTS)
+        g = BundleGenerator(decoder_bundle)
+        assert [ids for ids, _ in got] == [g.tokenizer.encode(p).ids for p in PROMPTS]  # BOS kept
+        assert [new for _, new in got] == greedy_ids(decoder_bundle, TJS_DTYPES[dtype], 6), dtype
+
+
+# Prompts are token ids, or texts that onnxruntime-genai's own tokenizer encodes (it reads tokenizer.json and
+# tokenizer_config.json); prints the prompt ids and the new tokens.
+GENAI_GENERATE = """
+import json, sys
+import onnxruntime_genai as og
+root, n, prompts = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+model = og.Model(root)
+out = []
+for p in prompts:
+    ids = [int(i) for i in og.Tokenizer(model).encode(p)] if isinstance(p, str) else p
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + n, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)
+    new = []
+    while not gen.is_done() and len(new) < n:
+        gen.generate_next_token()
+        new.append(int(gen.get_next_tokens()[0]))
+    out.append([ids, new])
+print(json.dumps(out))
+"""
+
+
+def run_genai(python: Path, bundle: Path, n: int, prompts: list, tmp_path: Path) -> list:
+    script = tmp_path / "genai.py"
+    script.write_text(GENAI_GENERATE)
+    r = subprocess.run([str(python), str(script), str(bundle), str(n), json.dumps(prompts)], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.consumers
+def test_onnxruntime_genai_generates_the_tokens_generate_does(genai_python, decoder_bundle, tmp_path):
+    # The tiny Llama's WordPiece tokenizer is not one onnxruntime-extensions reads: the ids go in (the real
+    # SmolLM2 test in test_real_decoder.py uses genai's own tokenizer).
+    manifest = json.loads((decoder_bundle / "manifest.json").read_text())
+    g = BundleGenerator(decoder_bundle)
+    got = run_genai(genai_python, decoder_bundle, 6, [g.tokenizer.encode(p).ids for p in PROMPTS], tmp_path)
+    assert [new for _, new in got] == greedy_ids(decoder_bundle, manifest["default_variant"], 6)
