@@ -51,6 +51,9 @@ def portable_tokenizer_config(staging: Path, manifest: dict[str, Any]) -> dict[s
     if config.get("tokenizer_class") in (None, "TokenizersBackend"):
         config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
     family = family_of(manifest)
+    # The generic class returns token_type_ids unless told; a decoder's forward (optimum's generate) refuses them.
+    config["model_input_names"] = [i["name"] for i in manifest["inputs"] if not i["name"].startswith("past")
+                                   and i["name"] != "position_ids"]
     # What the bundle's own readers truncate at: an encoder's probes and infer, a decoder's context.
     config["model_max_length"] = (manifest["generation"]["context_length"] if family.is_decoder
                                   else manifest["tokenizer"]["max_length"])

@@ -154,3 +154,18 @@ def genai_python() -> Path:
     return python
 
 
+
+
+@pytest.fixture(scope="session")
+def optimum_python() -> Path:
+    """optimum's ORTModel classes in a side venv with transformers 4.57 (torch pinned to the local CPU wheel)."""
+    root = CONSUMERS / "optimum-venv"
+    python = root / "bin" / "python"
+    probe = "import optimum.onnxruntime, transformers; assert transformers.__version__.startswith('4.57')"
+    if not python.is_file() or subprocess.run([str(python), "-c", probe], capture_output=True).returncode:
+        venv.create(root, with_pip=True, clear=True)
+        r = subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0", "transformers==4.57.*",
+                            "optimum-onnx==0.1.0"], capture_output=True, text=True, timeout=1500)
+        if r.returncode:
+            _missing(f"pip install optimum-onnx failed: {r.stderr[-300:]}")
+    return python

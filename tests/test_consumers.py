@@ -197,3 +197,52 @@ def test_onnxruntime_genai_generates_the_tokens_generate_does(genai_python, deco
     g = BundleGenerator(decoder_bundle)
     got = run_genai(genai_python, decoder_bundle, 6, [g.tokenizer.encode(p).ids for p in PROMPTS], tmp_path)
     assert [new for _, new in got] == greedy_ids(decoder_bundle, manifest["default_variant"], 6)
+
+
+# optimum's ORTModel classes (transformers 4.57): the bundle folder with subfolder="onnx" and the variant's file.
+OPTIMUM_RUN = """
+import json, sys
+from transformers import AutoTokenizer
+from optimum.onnxruntime import ORTModelForCausalLM, ORTModelForSequenceClassification
+kind, root, file_name, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+texts = json.loads(sys.argv[5])
+tok = AutoTokenizer.from_pretrained(root)
+out = []
+if kind == "classify":
+    model = ORTModelForSequenceClassification.from_pretrained(root, subfolder="onnx", file_name=file_name)
+    out = [model(**tok(t, return_tensors="pt")).logits[0].tolist() for t in texts]
+else:
+    model = ORTModelForCausalLM.from_pretrained(root, subfolder="onnx", file_name=file_name, use_cache=True)
+    for t in texts:
+        enc = tok(t, return_tensors="pt")
+        ids = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False)[0].tolist()
+        out.append([enc["input_ids"][0].tolist(), ids[enc["input_ids"].shape[1]:]])
+print(json.dumps(out))
+"""
+
+
+def run_optimum(python: Path, kind: str, bundle: Path, variant: str, texts: list[str], tmp_path: Path,
+                n: int = 6) -> list:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    script = tmp_path / "optimum_run.py"
+    script.write_text(OPTIMUM_RUN)
+    file_name = Path(manifest["variants"][variant]["file"]).name
+    r = subprocess.run([str(python), str(script), kind, str(bundle), file_name, str(n), json.dumps(texts)],
+                       capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.consumers
+def test_optimum_ortmodels_with_transformers_4_57_match_infer_and_generate(optimum_python, encoder_bundle,
+                                                                           decoder_bundle, tmp_path):
+    for variant in ("fp32", "int8"):
+        got = np.array(run_optimum(optimum_python, "classify", encoder_bundle, variant, TEXTS, tmp_path))
+        model = BundleModel(encoder_bundle, variant=variant)
+        ours = np.stack([model.run(model.encode([t]))["logits"][0] for t in TEXTS])
+        np.testing.assert_allclose(got, ours, atol=1e-5, rtol=1e-5, err_msg=variant)
+    g = BundleGenerator(decoder_bundle)
+    for variant in ("fp32", "int4"):
+        got = run_optimum(optimum_python, "generate", decoder_bundle, variant, PROMPTS, tmp_path)
+        assert [ids for ids, _ in got] == [g.tokenizer.encode(p).ids for p in PROMPTS]  # transformers 4.57's ids
+        assert [new for _, new in got] == greedy_ids(decoder_bundle, variant, 6), variant

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_consumers import TJS_GENERATE, greedy_ids, run_genai, run_node
+from test_consumers import TJS_GENERATE, greedy_ids, run_genai, run_node, run_optimum
 from test_torch_free import run_blocked
 
 from exporter import BundleGenerator
@@ -172,3 +172,12 @@ def test_transformers_js_generates_with_the_real_tokenizer_what_generate_does(sm
     for dtype, variant in (("q8", "int8"), ("q4", "int4")):
         got = run_node(node_modules, TJS_GENERATE, str(out), dtype, "8", *SMOL_PROMPTS)
         assert [new for _, new in got] == greedy_ids(out, variant, 8, SMOL_PROMPTS), dtype
+
+
+@pytest.mark.consumers
+def test_optimum_with_transformers_4_57_generates_what_generate_does(smol, optimum_python, tmp_path):
+    _, out, _ = smol
+    got = run_optimum(optimum_python, "generate", out, "int8", SMOL_PROMPTS, tmp_path, n=8)
+    g = BundleGenerator(out)
+    assert [ids for ids, _ in got] == [g.tokenizer.encode(p).ids for p in SMOL_PROMPTS]
+    assert [new for _, new in got] == greedy_ids(out, "int8", 8, SMOL_PROMPTS)
