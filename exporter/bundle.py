@@ -328,6 +328,7 @@ def referenced_files(manifest: dict[str, Any]) -> set[str]:
     for entry in (manifest.get("variants") or {}).values():
         if isinstance(entry, dict):
             add(entry.get("file"))
+            add(entry.get("ort_file"))
             for d in entry.get("data_files") or []:
                 add(d)
     for key in ("probes", "inputs", "outputs", "base_outputs"):

@@ -7,6 +7,7 @@ Results go to stdout (``--json`` for machines); progress and errors go to stderr
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,11 @@ class Group(click.Group):
         except ExporterError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
+        except BrokenPipeError:
+            # The reader of stdout went away (`verify B | head`): nothing to report to anyone. Point stdout at
+            # /dev/null so the interpreter's final flush does not raise again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(EXIT_ERROR)
         except OSError as e:
             # The system refused a read or write the library did not expect to fail (an unreadable bundle file,
             # a folder made read-only mid-run): one line naming the path and the fix, never a traceback.
@@ -133,6 +139,10 @@ def cli() -> None:
               help="Override one parity threshold, e.g. int8.max_prob_diff=0.3 (or max_prob_diff=0.3 for every "
                    "variant that has it); repeatable. Recorded in the manifest and shown in parity.md as your "
                    "choice; verify applies it. Names and defaults: docs/bundle.md (Parity gates).")
+@click.option("--ort-format", is_flag=True,
+              help="Also write every variant in onnxruntime's ORT format (onnx/*.ort, for its minimal and mobile "
+                   "builds) with onnx/required_operators_and_types.config for a minimal build; each .ort file is "
+                   "verified like its .onnx (merged bundles).")
 @click.option("--sign", "sign", type=click.Path(path_type=Path), default=None, metavar="KEY.pem",
               help="Sign the bundle with this Ed25519 private key (export-adapter keygen): writes manifest.json.sig, "
                    "which verify --trusted-key checks. An encrypted key reads its password from "
@@ -142,7 +152,8 @@ def cli() -> None:
 def export(adapters: tuple[str, ...], keep_adapters: bool, base: str | None, revision: str | None, out: Path, task: str | None, labels: str | None,
            quantize: tuple[str, ...], int4_block_size: str, int4_embedding: bool, opset: int, max_length: int, overwrite: bool, allow_pickle: bool,
            trust_remote_code: bool, no_tokenizer: bool, probe_texts: Path | None,
-           tolerances: tuple[tuple[str, float], ...], sign: Path | None, as_json: bool, quiet: bool) -> None:
+           tolerances: tuple[tuple[str, float], ...], ort_format: bool, sign: Path | None, as_json: bool,
+           quiet: bool) -> None:
     """Merge a LoRA adapter into its base, export to ONNX, quantize, and prove parity with PyTorch.
 
     Writes OUT only when every variant passes its gate; otherwise exits 3 and keeps the diagnostics in
@@ -167,7 +178,7 @@ def export(adapters: tuple[str, ...], keep_adapters: bool, base: str | None, rev
         quantize=quantize or ("int8",), opset=opset, overwrite=overwrite, allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code, max_length=max_length, int4_block_size=int(int4_block_size),
         int4_embedding=int4_embedding, no_tokenizer=no_tokenizer, probe_texts=probe_texts, tolerances=tolerances,
-        sign=sign,
+        sign=sign, ort_format=ort_format,
     )
     _show_report(lambda: run_pipeline(spec, _progress(quiet)), out, as_json)
 
@@ -218,6 +229,10 @@ def _print_summary(report: dict[str, Any], out: Path) -> None:
         for adapter, a in (r.get("adapters") or {}).items():
             worst = max((m["max_abs_diff"] or float("inf") for m in a["outputs"].values()), default=float("nan"))
             click.echo(f"        adapter {adapter}: {'PASS' if a['passed'] else 'FAIL'}  max abs diff {worst:.2e}")
+        if r.get("ort"):
+            o = r["ort"]
+            worst = max((m.get("max_abs_diff") or 0.0 for m in o["outputs"].values()), default=float("nan"))
+            click.echo(f"        ORT format {o['file']}: {'PASS' if o['passed'] else 'FAIL'}  max abs diff {worst:.2e}")
         if "switching" in r:
             sw = r["switching"]
             click.echo(f"        switching {sw['configurations']} configurations: {'PASS' if sw['passed'] else 'FAIL'}  "

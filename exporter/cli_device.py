@@ -71,6 +71,8 @@ def verify(bundle: Path, variants: tuple[str, ...], providers: tuple[str, ...], 
                 ok = sum(a["passed"] for a in r["adapters"].values())
                 extra = (f"  (base + {ok}/{len(r['adapters'])} adapters, switching "
                          f"{'ok' if r.get('switching', {}).get('passed') else 'FAILED'})")
+            if r.get("ort"):
+                extra += f"  (and {r['ort']['file']}: {'PASS' if r['ort']['passed'] else 'FAIL'})"
             click.echo(f"  {name:5s} {'PASS' if r['passed'] else 'FAIL'}{extra}")
             for f in r["failures"]:
                 click.echo(f"        {f}")

@@ -97,6 +97,20 @@ def variant_entries(artifacts: dict, task: TaskSpec, spec: ExportSpec, staging: 
     return entries
 
 
+def add_ort_format(ctx: BuildContext, artifacts: dict, manifest: dict[str, Any]) -> None:
+    """--ort-format: the .ort file of every variant into its manifest entry, and the operator config."""
+    if not ctx.spec.ort_format:
+        return
+    from .ort_format import to_ort_format
+
+    files, config = ctx.stages.run("ort_format", "converting every variant to ORT format", to_ort_format, artifacts,
+                                   ctx.staging)
+    for name, path in files.items():
+        manifest["variants"][name]["ort_file"] = path.relative_to(ctx.staging).as_posix()
+    manifest["ort_format"] = {"optimization_style": "runtime",
+                              "operators_config": config.relative_to(ctx.staging).as_posix()}
+
+
 def copy_base_docs(base, staging: Path) -> None:
     """The base's LICENSE/README travel with the bundle (its terms apply to the weights)."""
     if not base.is_local:

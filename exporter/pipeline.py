@@ -19,7 +19,7 @@ from .errors import (
     require_full,
 )
 from .family_base import BuildContext
-from .manifest import copy_base_docs, finish, manifest_head, manifest_tail
+from .manifest import add_ort_format, copy_base_docs, finish, manifest_head, manifest_tail
 from .onnx_export import MIN_ORT_FOR_OPSET, graph_path
 from .quantize import quantize_all
 from .report import Report
@@ -109,6 +109,9 @@ def _run_swappable(spec: ExportSpec, modes: tuple[str, ...], stages: Stages, out
     if spec.task_eval is not None or spec.include_adapter:
         raise UserInputError("--keep-adapters is an export option: task-level parity and shipping the adapter "
                              "folder (run) apply to merged bundles only")
+    if spec.ort_format:
+        raise UserInputError("--ort-format is for merged bundles: swappable adapters run through onnxruntime's "
+                             "LoRA run options, which its ORT-format builds are not verified with; drop one of them")
     pairs = [(n, Path(p)) for n, p in spec.adapters] or [(Path(spec.adapter).resolve().name, Path(spec.adapter))]
     seen: set[str] = set()
     for name, _ in pairs:
@@ -240,6 +243,7 @@ def _build(ctx: BuildContext, staging: Path) -> dict[str, Any]:
     }
     if "int4" in manifest["variants"]:
         manifest["variants"]["int4"]["modules_8bit"] = list(adapter.changed_modules)
+    add_ort_format(ctx, artifacts, manifest)
     results = stages.run("verify", "checking parity with onnxruntime",
                          lambda: evaluate_variants(staging, manifest, list(artifacts)))
     task_metrics = None

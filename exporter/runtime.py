@@ -99,7 +99,8 @@ def check_members(root: Path, manifest: dict[str, Any], variant: str) -> None:
     would block the open for ever, a symlink could point anywhere. Checked before anything opens them."""
     entry = manifest["variants"][variant]
     tok_file = (manifest.get("tokenizer") or {}).get("file")
-    for rel in [entry["file"], *entry.get("data_files", []), *([tok_file] if tok_file else [])]:
+    ort = [entry["ort_file"]] if entry.get("ort_file") else []
+    for rel in [entry["file"], *entry.get("data_files", []), *ort, *([tok_file] if tok_file else [])]:
         problem = member_problem(root, rel)
         if problem:
             raise TamperedBundleError(f"{root}: {problem}; the bundle is damaged, run verify")

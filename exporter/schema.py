@@ -104,6 +104,11 @@ _VARIANT_RESULT = {
                     "description": "per output; with swappable adapters: the base (no adapter active)"},
         "failures": {"type": "array", "items": {"type": "string"},
                      "description": "one line per missed gate, naming the output and the numbers"},
+        "ort": {"type": "object", "required": ["file", "passed", "outputs", "failures"],
+                "description": "export --ort-format: the variant's .ort file on the same probes and thresholds",
+                "properties": {"file": {"type": "string"}, "passed": {"type": "boolean"},
+                               "outputs": {"type": "object", "additionalProperties": _OUTPUT_METRICS},
+                               "failures": {"type": "array", "items": {"type": "string"}}}},
         "adapters": {"type": "object", "description": "swappable adapters: each one active vs its merged PyTorch model",
                      "additionalProperties": {
                          "type": "object", "required": ["passed", "outputs", "failures"],
@@ -294,6 +299,8 @@ MANIFEST_SCHEMA: dict[str, Any] = {
             "additionalProperties": {
                 "type": "object", "required": ["file", "data_files", "dtype", "thresholds", "passed"],
                 "properties": {"file": {"type": "string"}, "data_files": {"type": "array", "items": {"type": "string"}},
+                               "ort_file": {"type": "string", "description": "export --ort-format: the variant in "
+                                            "ORT format, verified like the .onnx"},
                                "dtype": {"type": "string"}, "thresholds": _THRESHOLDS, "passed": {"type": "boolean"},
                                "user_tolerances": _USER_TOLERANCES,
                                "modules_8bit": {"type": "array", "items": {"type": "string"},
@@ -302,6 +309,11 @@ MANIFEST_SCHEMA: dict[str, Any] = {
             },
         },
         "default_variant": {"enum": VARIANT_NAMES},
+        "ort_format": {"type": "object", "required": ["optimization_style", "operators_config"],
+                       "description": "export --ort-format: how the .ort files were made, and the operator config "
+                                      "of an onnxruntime minimal build that runs them",
+                       "properties": {"optimization_style": {"enum": ["runtime"]},
+                                      "operators_config": {"type": "string"}}},
         "adapter_effect": _EFFECT,
         "task_metrics": _TASK_METRICS,
         "spec": {"type": "object", "description": "the effective export settings (no machine paths)"},

@@ -35,6 +35,7 @@ class ExportSpec:
     int4_block_size: int = 32
     int4_embedding: bool = False
     no_tokenizer: bool = False  # export a base that ships no tokenizer; probes are synthetic token ids
+    ort_format: bool = False  # every variant also as an .ort file (ort_format.py), verified like the .onnx
     training: dict[str, Any] | None = field(default=None, repr=False)  # from `run`: fine-tuning summary
     # --keep-adapters: (name, folder) of every adapter; the graph keeps LoRA as inputs, adapters become
     # adapters/NAME.onnx_adapter files. ``adapter`` is then the first of them.

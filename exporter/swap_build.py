@@ -175,7 +175,7 @@ def build_swappable(ctx: BuildContext, adapters: list[tuple[str, Any]]) -> Repor
     """The keep-adapters export, for every family; returns the report, like pipeline's merged build."""
     from .families import builder_for
     from .formats import sha256_file
-    from .manifest import copy_base_docs, finish, manifest_head, manifest_tail
+    from .manifest import add_ort_format, copy_base_docs, finish, manifest_head, manifest_tail
     from .merge import full_tensor_names, load_base_model, resolve_labels
     from .onnx_export import graph_path
     from .quantize import quantize_all
@@ -277,6 +277,7 @@ def build_swappable(ctx: BuildContext, adapters: list[tuple[str, Any]]) -> Repor
         "untrained_base_tensors": untrained,
         "items": {p.name: adapter_entry(p, interface, graph_sha, required) for p in prepared},
     }
+    add_ort_format(ctx, artifacts, manifest)
     manifest["files"] = file_hashes(staging)  # the adapter files are checked against these before loading
     results = stages.run("verify", "checking parity with onnxruntime (base, each adapter, switching)",
                          lambda: evaluate_variants(staging, manifest, list(artifacts)))

@@ -75,11 +75,29 @@ def evaluate_variants(
                       "gated; fp32 proves graph == base, each adapter is gated on every variant: "
                       + "; ".join(result["failures"])}
         results[name] = {"file": entry["file"], **result}
+        if entry.get("ort_file"):
+            _evaluate_ort(root, entry, runner, reference, base if name != "fp32" else None, results[name],
+                          providers, threads)
         if entry.get("user_tolerances"):
             results[name]["user_tolerances"] = entry["user_tolerances"]
         if section:
             _evaluate_adapters(root, manifest, runner, session, outputs, results[name], skip_adapters or {})
     return results
+
+
+def _evaluate_ort(root: Path, entry: dict[str, Any], runner, reference, base, result: dict,
+                  providers: list[str] | None, threads: int | None) -> None:
+    """The variant's .ort file (export --ort-format) on the same probes, judged with the same thresholds."""
+    try:
+        judged = runner.judge(runner.run(make_session(root / entry["ort_file"], providers, threads)), reference,
+                              entry["thresholds"], base)
+    except ExporterError as e:
+        judged = {"passed": False, "outputs": {}, "failures": [str(e)]}
+    result["ort"] = {"file": entry["ort_file"], **{k: judged[k] for k in ("passed", "outputs", "failures")}}
+    if not judged["passed"] and not result.get("base_not_gated"):
+        result["failures"] = [*result["failures"], *(f"ORT format ({entry['ort_file']}): {f}"
+                                                     for f in judged["failures"])]
+        result["passed"] = False
 
 
 def _evaluate_adapters(root: Path, manifest: dict[str, Any], runner, session, base_outputs, result: dict,
@@ -224,7 +242,7 @@ def verify_bundle(
     results: dict[str, dict[str, Any]] = {}
     for v in names:
         entry = manifest["variants"][v]
-        files = [entry["file"], *entry.get("data_files", [])]
+        files = [entry["file"], *entry.get("data_files", []), *([entry["ort_file"]] if entry.get("ort_file") else [])]
         broken = [f for f in files if f in bad_files]
         if broken or not reference_ok or v in bad_gates:
             why = (f"{broken[0]} failed the integrity check" if broken else "its thresholds are invalid"

@@ -246,3 +246,54 @@ def test_optimum_ortmodels_with_transformers_4_57_match_infer_and_generate(optim
         got = run_optimum(optimum_python, "generate", decoder_bundle, variant, PROMPTS, tmp_path)
         assert [ids for ids, _ in got] == [g.tokenizer.encode(p).ids for p in PROMPTS]  # transformers 4.57's ids
         assert [new for _, new in got] == greedy_ids(decoder_bundle, variant, 6), variant
+
+
+# --- the ORT format (onnxruntime's minimal and mobile builds) -----------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["encoder", "decoder"])
+def test_ort_format_variants_are_verified_like_the_onnx_ones(factory, tmp_path, family):
+    from click.testing import CliRunner
+
+    from exporter.cli import cli
+
+    adapter = factory.adapter("bert", "text-classification") if family == "encoder" else \
+        factory.decoder_adapter("llama")
+    out = tmp_path / "b"
+    modes = ["--quantize", "int8", "--quantize", "fp16"] if family == "encoder" else ["--quantize", "int4"]
+    r = CliRunner().invoke(cli, ["export", "--adapter", str(adapter), "-o", str(out), "--ort-format", "-q", "--json",
+                                 *modes])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for name, entry in manifest["variants"].items():
+        assert entry["ort_file"] == entry["file"].removesuffix(".onnx") + ".ort"
+        assert entry["ort_file"] in manifest["files"]
+        ort = report["variants"][name]["ort"]
+        assert ort["passed"] and ort["file"] == entry["ort_file"] and ort["outputs"], name
+    config = (out / manifest["ort_format"]["operators_config"]).read_text()
+    assert "ai.onnx;" in config and str(tmp_path) not in config and "/tmp" not in config
+    v = CliRunner().invoke(cli, ["verify", str(out), "--json"])
+    assert v.exit_code == 0, v.output
+    assert all(x["ort"]["passed"] for x in json.loads(v.stdout)["variants"].values())
+    # A damaged .ort fails verify and is named, while its .onnx still passes.
+    victim = out / manifest["variants"]["fp32"]["ort_file"]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    v = CliRunner().invoke(cli, ["verify", str(out), "--json"])
+    assert v.exit_code == 3
+    assert any(p.startswith(manifest["variants"]["fp32"]["ort_file"]) for p in
+               json.loads(v.stdout)["integrity"]["problems"])
+
+
+def test_ort_format_with_swappable_adapters_is_refused(factory, tmp_path):
+    from click.testing import CliRunner
+    from helpers import assert_clean_failure
+
+    from exporter.cli import cli
+
+    out = tmp_path / "b"
+    r = CliRunner().invoke(cli, ["export", "--keep-adapters", "--adapter", str(factory.adapter("bert",
+                                 "text-classification")), "-o", str(out), "--ort-format", "-q"])
+    assert_clean_failure(r, out, "--ort-format is for merged bundles")
