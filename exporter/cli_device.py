@@ -144,14 +144,16 @@ def read_inputs(texts: tuple[str, ...], input_file: Path | None) -> list[str]:
 @click.option("--adapter", default=None,
               help="Swappable adapter to activate (bundles exported with --keep-adapters). Default: none (the base).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
+@click.option("--ort-format", is_flag=True,
+              help="Run the variant's ORT-format file (bundles exported with --ort-format) instead of its .onnx.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON on stdout.")
 def infer(bundle: Path, texts: tuple[str, ...], input_file: Path | None, variant: str | None, adapter: str | None,
-          threads: int | None, as_json: bool) -> None:
+          threads: int | None, ort_format: bool, as_json: bool) -> None:
     """Run a bundle on texts, without torch: labels with scores, token labels, or embeddings."""
     from .runtime import BundleModel
 
     inputs = read_inputs(texts, input_file)
-    model = BundleModel(bundle, variant, threads=threads, adapter=adapter)
+    model = BundleModel(bundle, variant, threads=threads, adapter=adapter, ort_format=ort_format)
     results = model.infer(inputs)
     if as_json:
         emit_json({"variant": model.variant, "adapter": model.adapter, "task": model.task, "results": results})
@@ -184,12 +186,15 @@ def infer(bundle: Path, texts: tuple[str, ...], input_file: Path | None, variant
 @click.option("--adapter", default=None,
               help="Swappable adapter to activate (bundles exported with --keep-adapters). Default: none (the base).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
+@click.option("--ort-format", is_flag=True,
+              help="Run the variant's ORT-format file (bundles exported with --ort-format) instead of its .onnx.")
 def generate(bundle: Path, prompt: str, max_new_tokens: int, variant: str | None, temperature: float, top_p: float,
-             seed: int | None, stop: tuple[str, ...], chat: bool, adapter: str | None, threads: int | None) -> None:
+             seed: int | None, stop: tuple[str, ...], chat: bool, adapter: str | None, threads: int | None,
+             ort_format: bool) -> None:
     """Generate text with a decoder bundle, without torch, streaming tokens to stdout (KV cache)."""
     from .runtime import BundleGenerator
 
-    gen = BundleGenerator(bundle, variant, threads=threads, adapter=adapter)
+    gen = BundleGenerator(bundle, variant, threads=threads, adapter=adapter, ort_format=ort_format)
     for piece in gen.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                             seed=seed, stop=list(stop), chat=chat):
         click.echo(piece, nl=False)

@@ -106,12 +106,22 @@ def check_members(root: Path, manifest: dict[str, Any], variant: str) -> None:
             raise TamperedBundleError(f"{root}: {problem}; the bundle is damaged, run verify")
 
 
+def graph_file(root: Path, entry: dict[str, Any], ort_format: bool = False) -> str:
+    """The variant's .onnx file, or its .ort file (bundles exported with --ort-format)."""
+    if not ort_format:
+        return entry["file"]
+    if not entry.get("ort_file"):
+        raise UserInputError(f"{root}: this bundle has no ORT-format files; export it with --ort-format, or drop "
+                             "--ort-format")
+    return entry["ort_file"]
+
+
 class BundleModel:
     """One variant of a bundle, ready for inference: ``BundleModel(path).infer(["some text"])``."""
 
     def __init__(
         self, root: Path | str, variant: str | None = None, providers: list[str] | None = None,
-        threads: int | None = None, adapter: str | None = None,
+        threads: int | None = None, adapter: str | None = None, ort_format: bool = False,
     ) -> None:
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
@@ -134,7 +144,7 @@ class BundleModel:
         entry = variants[self.variant]
         check_members(self.root, self.manifest, self.variant)
         self.tokenizer = bundle_tokenizer(self.root, self.manifest) if self.manifest.get("tokenizer") else None
-        self.session = make_session(self.root / entry["file"], providers, threads)
+        self.session = make_session(self.root / graph_file(self.root, entry, ort_format), providers, threads)
         graph_inputs = {i.name for i in self.session.get_inputs()}
         graph_outputs = {o.name for o in self.session.get_outputs()}
         missing = [n for n in self.input_names if n not in graph_inputs] + \
@@ -231,7 +241,7 @@ class BundleGenerator:
     """
 
     def __init__(self, root: Path | str, variant: str | None = None, providers: list[str] | None = None,
-                 threads: int | None = None, adapter: str | None = None) -> None:
+                 threads: int | None = None, adapter: str | None = None, ort_format: bool = False) -> None:
         from .generation import DecoderIO
 
         self.root = Path(root)
@@ -249,7 +259,8 @@ class BundleGenerator:
         self.tokenizer.no_padding()
         self.adapter = adapter
         self._active = _activate(self.root, self.manifest, adapter)
-        self.session = make_session(self.root / variants[self.variant]["file"], providers, threads)
+        self.session = make_session(self.root / graph_file(self.root, variants[self.variant], ort_format), providers,
+                                    threads)
 
     def step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = list(self.io.output_names)

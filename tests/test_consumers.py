@@ -276,6 +276,16 @@ def test_ort_format_variants_are_verified_like_the_onnx_ones(factory, tmp_path, 
     v = CliRunner().invoke(cli, ["verify", str(out), "--json"])
     assert v.exit_code == 0, v.output
     assert all(x["ort"]["passed"] for x in json.loads(v.stdout)["variants"].values())
+    # infer/generate run the .ort file with --ort-format; the same greedy tokens or labels.
+    args = ["infer", str(out), *TEXTS] if family == "encoder" else ["generate", str(out), PROMPTS[0],
+                                                                     "--max-new-tokens", "5"]
+    onnx_run, ort_run = (CliRunner().invoke(cli, [*args, *extra]) for extra in ([], ["--ort-format"]))
+    assert onnx_run.exit_code == ort_run.exit_code == 0, ort_run.output
+    if family == "decoder":
+        assert ort_run.stdout == onnx_run.stdout
+    else:
+        assert [ln.split("\t")[0] for ln in ort_run.stdout.splitlines()] == \
+            [ln.split("\t")[0] for ln in onnx_run.stdout.splitlines()]
     # A damaged .ort fails verify and is named, while its .onnx still passes.
     victim = out / manifest["variants"]["fp32"]["ort_file"]
     data = bytearray(victim.read_bytes())
