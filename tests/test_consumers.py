@@ -307,3 +307,21 @@ def test_ort_format_with_swappable_adapters_is_refused(factory, tmp_path):
     r = CliRunner().invoke(cli, ["export", "--keep-adapters", "--adapter", str(factory.adapter("bert",
                                  "text-classification")), "-o", str(out), "--ort-format", "-q"])
     assert_clean_failure(r, out, "--ort-format is for merged bundles")
+
+
+def test_ort_format_refuses_external_data_and_infer_needs_ort_files(encoder_bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from exporter.cli import cli
+    from exporter.errors import UnsupportedError
+    from exporter.onnx_export import OnnxArtifact
+    from exporter.ort_format import to_ort_format
+
+    big = OnnxArtifact("fp32", tmp_path / "onnx" / "model.onnx", (tmp_path / "onnx" / "model.onnx.data",), 20,
+                       ("input_ids",), ("logits",))
+    with pytest.raises(UnsupportedError, match="no external data"):
+        to_ort_format({"fp32": big}, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing started
+    r = CliRunner().invoke(cli, ["infer", str(encoder_bundle), "--ort-format", "fine"])
+    assert r.exit_code == 1 and "no ORT-format files; export it with --ort-format" in r.output
+    assert "Traceback" not in r.output
