@@ -20,6 +20,7 @@ from .cli_device import (
     infer,
     inspect,
     keygen,
+    print_summary,
     verify,
 )
 from .errors import (  # the exit codes are imported for docs/exit-codes.md's test too
@@ -210,43 +211,7 @@ def _show_report(produce, out: Path, as_json: bool) -> None:
     if as_json:
         emit_json(report.data)
     else:
-        _print_summary(report.data, out)
-
-
-def _print_summary(report: dict[str, Any], out: Path) -> None:
-    from .report import gate_cells
-
-    click.echo(f"bundle: {out}  ({report['task']}, base {report['base']['name']})")
-    sizes = report.get("sizes") or {}
-    for name, r in report["variants"].items():
-        size = f"{sizes[name] / 1e6:8.1f} MB" if name in sizes else ""
-        click.echo(f"  {name:5s} {'PASS' if r['passed'] else 'FAIL'}  {size}")
-        for output, m in r["outputs"].items():
-            gated, _ = gate_cells(m, r["thresholds"], r.get("user_tolerances") or {})
-            click.echo(f"        {output}: {'; '.join(gated) or '-'}")
-        if r.get("base_not_gated"):
-            click.echo("        base without adapter: reported, not gated (untrained head; fp32 is gated)")
-        for adapter, a in (r.get("adapters") or {}).items():
-            worst = max((m["max_abs_diff"] or float("inf") for m in a["outputs"].values()), default=float("nan"))
-            click.echo(f"        adapter {adapter}: {'PASS' if a['passed'] else 'FAIL'}  max abs diff {worst:.2e}")
-        if r.get("ort"):
-            o = r["ort"]
-            worst = max((m.get("max_abs_diff") or 0.0 for m in o["outputs"].values()), default=float("nan"))
-            click.echo(f"        ORT format {o['file']}: {'PASS' if o['passed'] else 'FAIL'}  max abs diff {worst:.2e}")
-        if "switching" in r:
-            sw = r["switching"]
-            click.echo(f"        switching {sw['configurations']} configurations: {'PASS' if sw['passed'] else 'FAIL'}  "
-                       f"max abs diff {sw['max_abs_diff']:.2e}")
-        for f in r["failures"]:
-            click.echo(f"        {f}")
-    tm = report.get("task_metrics")
-    if tm:
-        shown = ", ".join(f"{v} {m['value']:.4f} (-{m.get('worse', 0)}/+{m.get('better', 0)})"
-                          for v, m in tm["variants"].items())
-        click.echo(f"  {tm['metric']} on {tm['n_examples']} eval examples: PyTorch {tm['torch']:.4f}, {shown} "
-                   f"(max drop {tm['max_drop']} unless not significant; -worse/+better {tm.get('units', 'units')})")
-    for w in report.get("warnings") or []:
-        click.echo(f"warning: {w}", err=True)
+        print_summary(report.data, out)
 
 
 @cli.command("add-adapter")

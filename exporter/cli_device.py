@@ -18,6 +18,13 @@ def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, allow_nan=False))
 
 
+THREADS = click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
+ADAPTER = click.option("--adapter", default=None, help="Swappable adapter to activate (bundles exported with "
+                       "--keep-adapters). Default: none (the base).")
+ORT_FORMAT = click.option("--ort-format", is_flag=True, help="Run the variant's ORT-format file (bundles exported "
+                          "with --ort-format) instead of its .onnx.")
+
+
 @click.command()
 @click.argument("private_key", metavar="KEY.pem", type=click.Path(path_type=Path))
 def keygen(private_key: Path) -> None:
@@ -33,7 +40,7 @@ def keygen(private_key: Path) -> None:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--variant", "variants", multiple=True, help="Variant(s) to check (fp32, int8, fp16). Default: all.")
 @click.option("--providers", multiple=True, help="onnxruntime execution provider(s). Default: CPUExecutionProvider.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
+@THREADS
 @click.option("--probe-texts", type=click.Path(path_type=Path), default=None,
               help="Also judge every quantized variant on your own texts (prompts for decoders), one per line or "
                    "JSON Lines; without PyTorch on the device the fp32 graph is their reference.")
@@ -141,11 +148,9 @@ def read_inputs(texts: tuple[str, ...], input_file: Path | None) -> list[str]:
 @click.option("--input", "input_file", type=click.Path(path_type=Path),
               help="JSON Lines file: one string or {\"text\": ...} per line.")
 @click.option("--variant", default=None, help="Variant to run. Default: the bundle's default (int8 when it passed).")
-@click.option("--adapter", default=None,
-              help="Swappable adapter to activate (bundles exported with --keep-adapters). Default: none (the base).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
-@click.option("--ort-format", is_flag=True,
-              help="Run the variant's ORT-format file (bundles exported with --ort-format) instead of its .onnx.")
+@ADAPTER
+@THREADS
+@ORT_FORMAT
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON on stdout.")
 def infer(bundle: Path, texts: tuple[str, ...], input_file: Path | None, variant: str | None, adapter: str | None,
           threads: int | None, ort_format: bool, as_json: bool) -> None:
@@ -183,11 +188,9 @@ def infer(bundle: Path, texts: tuple[str, ...], input_file: Path | None, variant
 @click.option("--seed", type=int, default=None, help="Seed for sampling.")
 @click.option("--stop", "stop", multiple=True, help="Stop string; repeatable.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template (needs jinja2).")
-@click.option("--adapter", default=None,
-              help="Swappable adapter to activate (bundles exported with --keep-adapters). Default: none (the base).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
-@click.option("--ort-format", is_flag=True,
-              help="Run the variant's ORT-format file (bundles exported with --ort-format) instead of its .onnx.")
+@ADAPTER
+@THREADS
+@ORT_FORMAT
 def generate(bundle: Path, prompt: str, max_new_tokens: int, variant: str | None, temperature: float, top_p: float,
              seed: int | None, stop: tuple[str, ...], chat: bool, adapter: str | None, threads: int | None,
              ort_format: bool) -> None:
@@ -220,3 +223,40 @@ def inspect(path: Path, as_json: bool) -> None:
                 click.echo(f"  {k}: {v}")
         else:
             click.echo(f"{key}: {value}")
+
+
+def print_summary(report: dict[str, Any], out: Path) -> None:
+    """The human summary of an export or add-adapter Report (the JSON is --json's)."""
+    from .report import gate_cells
+
+    click.echo(f"bundle: {out}  ({report['task']}, base {report['base']['name']})")
+    sizes = report.get("sizes") or {}
+    for name, r in report["variants"].items():
+        size = f"{sizes[name] / 1e6:8.1f} MB" if name in sizes else ""
+        click.echo(f"  {name:5s} {'PASS' if r['passed'] else 'FAIL'}  {size}")
+        for output, m in r["outputs"].items():
+            gated, _ = gate_cells(m, r["thresholds"], r.get("user_tolerances") or {})
+            click.echo(f"        {output}: {'; '.join(gated) or '-'}")
+        if r.get("base_not_gated"):
+            click.echo("        base without adapter: reported, not gated (untrained head; fp32 is gated)")
+        for adapter, a in (r.get("adapters") or {}).items():
+            worst = max((m["max_abs_diff"] or float("inf") for m in a["outputs"].values()), default=float("nan"))
+            click.echo(f"        adapter {adapter}: {'PASS' if a['passed'] else 'FAIL'}  max abs diff {worst:.2e}")
+        if r.get("ort"):
+            o = r["ort"]
+            worst = max((m.get("max_abs_diff") or 0.0 for m in o["outputs"].values()), default=float("nan"))
+            click.echo(f"        ORT format {o['file']}: {'PASS' if o['passed'] else 'FAIL'}  max abs diff {worst:.2e}")
+        if "switching" in r:
+            sw = r["switching"]
+            click.echo(f"        switching {sw['configurations']} configurations: {'PASS' if sw['passed'] else 'FAIL'}  "
+                       f"max abs diff {sw['max_abs_diff']:.2e}")
+        for f in r["failures"]:
+            click.echo(f"        {f}")
+    tm = report.get("task_metrics")
+    if tm:
+        shown = ", ".join(f"{v} {m['value']:.4f} (-{m.get('worse', 0)}/+{m.get('better', 0)})"
+                          for v, m in tm["variants"].items())
+        click.echo(f"  {tm['metric']} on {tm['n_examples']} eval examples: PyTorch {tm['torch']:.4f}, {shown} "
+                   f"(max drop {tm['max_drop']} unless not significant; -worse/+better {tm.get('units', 'units')})")
+    for w in report.get("warnings") or []:
+        click.echo(f"warning: {w}", err=True)
