@@ -62,8 +62,11 @@ def cpu_features(cpuinfo: str | None = None, detected: dict[str, bool] | None = 
         present = [f for f in known if f in present]
     else:
         present = [f for f in known if f in flags]
-    return {"machine": machine, "model": fields.get("model name") or fields.get("cpu part") or platform.processor(),
-            "features": present, "isa": isa_summary(machine, present)}
+    model = fields.get("model name") or fields.get("cpu part") or platform.processor()
+    if known is _ARM and "vendor_id" in fields:
+        # qemu-user passes the x86 host's /proc/cpuinfo through: its model is not this (emulated) CPU's.
+        model = f"emulated aarch64 (host: {model})"
+    return {"machine": machine, "model": model, "features": present, "isa": isa_summary(machine, present)}
 
 
 def isa_summary(machine: str, features: list[str]) -> str:

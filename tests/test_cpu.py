@@ -32,3 +32,17 @@ def test_runtime_detection_wins_over_a_cpuinfo_that_says_more(monkeypatch):
 def test_this_machine_reports_something_comparable():
     f = cpu_features()
     assert f["machine"] and isinstance(f["features"], list) and f["isa"].startswith(f["machine"])
+
+
+def test_an_emulated_arm_cpu_does_not_report_the_x86_hosts_model(monkeypatch):
+    """qemu-user shows the host's x86 /proc/cpuinfo to an aarch64 process (measured with scripts/arm64-verify.sh:
+    the report said "AMD EPYC" for a Cortex-A53)."""
+    import platform
+
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    host = "vendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\nflags\t\t: sse4_2 avx avx2\n"
+    f = cpu_features(host, detected={"ASIMD": True, "ASIMDDP": False})
+    assert f["model"] == "emulated aarch64 (host: AMD EPYC)"
+    assert f["features"] == ["asimd"] and f["isa"] == "aarch64 NEON (no dotprod)"
+    native = "processor\t: 0\nFeatures\t: fp asimd asimddp\nCPU part\t: 0xd0b\n"
+    assert cpu_features(native, detected={"ASIMD": True, "ASIMDDP": True})["model"] == "0xd0b"
