@@ -140,32 +140,28 @@ def node_modules() -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def genai_python() -> Path:
-    """onnxruntime-genai in a side venv (it pins its own onnxruntime)."""
-    root = CONSUMERS / "genai-venv"
+def _side_venv(name: str, probe: str, packages: list[str]) -> Path:
+    """A venv of its own in the cache for a consumer that pins other versions than ours; made once."""
+    root = CONSUMERS / name
     python = root / "bin" / "python"
-    if not python.is_file() or subprocess.run([str(python), "-c", "import onnxruntime_genai"]).returncode:
+    if not python.is_file() or subprocess.run([str(python), "-c", probe], capture_output=True).returncode:
         venv.create(root, with_pip=True, clear=True)
-        r = subprocess.run([str(python), "-m", "pip", "install", "-q", "onnxruntime-genai==0.18.0"],
-                           capture_output=True, text=True, timeout=900)
+        r = subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], capture_output=True, text=True,
+                           timeout=1500)
         if r.returncode:
-            _missing(f"pip install onnxruntime-genai failed: {r.stderr[-300:]}")
+            _missing(f"pip install {' '.join(packages)} failed: {r.stderr[-300:]}")
     return python
 
 
+@pytest.fixture(scope="session")
+def genai_python() -> Path:
+    """onnxruntime-genai in a side venv (it pins its own onnxruntime)."""
+    return _side_venv("genai-venv", "import onnxruntime_genai", ["onnxruntime-genai==0.18.0"])
 
 
 @pytest.fixture(scope="session")
 def optimum_python() -> Path:
     """optimum's ORTModel classes in a side venv with transformers 4.57 (torch pinned to the local CPU wheel)."""
-    root = CONSUMERS / "optimum-venv"
-    python = root / "bin" / "python"
-    probe = "import optimum.onnxruntime, transformers; assert transformers.__version__.startswith('4.57')"
-    if not python.is_file() or subprocess.run([str(python), "-c", probe], capture_output=True).returncode:
-        venv.create(root, with_pip=True, clear=True)
-        r = subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0", "transformers==4.57.*",
-                            "optimum-onnx==0.1.0"], capture_output=True, text=True, timeout=1500)
-        if r.returncode:
-            _missing(f"pip install optimum-onnx failed: {r.stderr[-300:]}")
-    return python
+    return _side_venv("optimum-venv", "import optimum.onnxruntime, transformers; "
+                      "assert transformers.__version__.startswith('4.57')",
+                      ["torch==2.13.0", "transformers==4.57.*", "optimum-onnx==0.1.0"])
