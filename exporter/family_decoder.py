@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserInputError
 from .family_base import Arrays, BuildContext, FamilyBuild
 from .parity import output_rows
 from .tasks import TaskSpec
@@ -26,7 +25,6 @@ class DecoderBuild(FamilyBuild):
         self.names = ("input_ids", "attention_mask")
         self.prompts = None  # tokenizer_files.DecoderPrompts
         self.max_new_tokens = 0
-        self._chosen: list[int] = []
         self._eos_ids: list[int] = []
 
     @classmethod
@@ -48,8 +46,7 @@ class DecoderBuild(FamilyBuild):
         from .probes import GREEDY_TOKENS
         from .tokenizer_files import decoder_prompts
 
-        if tok is None:
-            raise UserInputError("--no-tokenizer is for encoder tasks; a text-generation bundle needs its tokenizer")
+        # tok is never None here: pipeline refuses --no-tokenizer for families whose tokenizer is not optional.
         self.prompts = decoder_prompts(ctx.spec, ctx.base, tok, ctx.staging, warnings)
         self.names, self.max_new_tokens = self.prompts.names, GREEDY_TOKENS
 
@@ -103,7 +100,7 @@ class DecoderBuild(FamilyBuild):
         p = self.prompts
         chosen, batches, feeds, runs = choose_prompts(self._step(model), self.dio, p.fast_tok, self.names,
                                                       p.prompts, p.singles)
-        self._chosen, self.feeds = list(chosen), list(feeds)
+        self.feeds = list(feeds)
         self.probes_json = {"texts": list(p.prompts.texts), "batches": [list(b) for b in batches],
                              "max_length": p.max_length, "max_new_tokens": self.max_new_tokens,
                              "min_top2_margin": float(min(r.margins.min() for r in runs)), "source": p.prompts.source}
@@ -167,7 +164,8 @@ class DecoderBuild(FamilyBuild):
                          ["batch", "num_kv_heads", "total_sequence", "head_dim"]} for n in dio.output_names],
             "pooling": None,
             "tokenizer": {"file": "tokenizer.json", "max_length": p.max_length, "pad_id": tok.pad_token_id,
-                          "pad_token": tok.pad_token, "pad_source": pad_source, "padding_side": "left"},
+                          "pad_token": tok.pad_token, "pad_source": pad_source,
+                          "padding_side": self.task.family_spec.padding_side},
             "generation": {"eos_token_ids": self._eos_ids, "context_length": int(p.positions),
                            "chat_template": chat_template if isinstance(chat_template, str) else None,
                            "bos_token": tok.bos_token, "eos_token": tok.eos_token},

@@ -144,14 +144,11 @@ def _run_swappable(spec: ExportSpec, modes: tuple[str, ...], stages: Stages, out
 
 
 def _score_variants(staging: Path, artifacts: dict, eval_set, torch_metrics: dict, spec: TaskEvalSpec,
-                    results: dict, logits: Callable | None = None) -> dict[str, Any]:
+                    results: dict, logits: Callable) -> dict[str, Any]:
     """Each variant's task metric next to PyTorch's; a drop over the recipe's tolerance fails the variant.
-
-    ``logits(session, feeds)`` runs one eval batch (default: the graph's inputs are the feeds).
-    """
+    ``logits(session, feeds)`` runs one eval batch (the family builder's ``onnx_logits``)."""
     from .runtime import make_session
 
-    logits = logits or (lambda session, feeds: session.run(["logits"], feeds)[0])
     variant_metrics = {}
     for name, art in artifacts.items():
         session = make_session(art.path)

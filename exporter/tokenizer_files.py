@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 from .errors import UserInputError
 from .probes import MIN_VOCAB
 from .spec import ExportSpec
+from .tasks import FAMILIES
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
                    "sentencepiece.bpe.model", "spm.model")
@@ -79,7 +80,6 @@ def probe_texts(spec: ExportSpec, fast_tok, family: str, warnings: list[str]):
     """The texts parity runs on: --probe-texts, else the built-in ones, else texts made from the vocabulary."""
     from .formats import read_text
     from .probes import select_probe_texts
-    from .tasks import FAMILIES
 
     user = None
     if spec.probe_texts is not None:
@@ -156,7 +156,8 @@ def decoder_prompts(spec: ExportSpec, base, tok, staging: Path, warnings: list[s
 
     positions = base.config.get("max_position_embeddings") or base.config.get("n_positions") or spec.max_length
     max_length = min(spec.max_length, positions)
-    fast_tok = load_tokenizer(staging / "tokenizer.json", max_length, tok.pad_token_id, tok.pad_token, "left")
+    fast_tok = load_tokenizer(staging / "tokenizer.json", max_length, tok.pad_token_id, tok.pad_token,
+                              FAMILIES["decoder"].padding_side)
     names = ("input_ids", "attention_mask")
     prompts = probe_texts(spec, fast_tok, "decoder", warnings)
     return DecoderPrompts(positions, max_length, fast_tok, names, prompts,
