@@ -15,6 +15,7 @@ import click
 
 from . import __version__, interrupts
 from .cli_device import (
+    bench,
     emit_json,
     generate,
     infer,
@@ -356,7 +357,7 @@ def run(recipe_file: Path, out: Path, epochs, max_steps, learning_rate, batch_si
                                     work_dir=work_dir, resume=resume), out, as_json)
 
 
-for _command in (keygen, verify, infer, generate, inspect):
+for _command in (keygen, verify, infer, generate, inspect, bench):
     cli.add_command(_command)
 
 

@@ -225,6 +225,85 @@ def inspect(path: Path, as_json: bool) -> None:
             click.echo(f"{key}: {value}")
 
 
+def _shape(text: str) -> tuple[int, int]:
+    b, sep, s = text.lower().partition("x")
+    if not sep or not b.strip().isdigit() or not s.strip().isdigit():
+        raise click.BadParameter(f"{text!r}: write BATCHxSEQUENCE, e.g. 8x128", param_hint="--shape")
+    return int(b), int(s)
+
+
+def _config(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise click.BadParameter(f"{text!r}: write KEY=VALUE, e.g. session.intra_op.allow_spinning=0",
+                                 param_hint="--session-config")
+    return key.strip(), value.strip()
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--variant", "variants", multiple=True, help="Variant(s) to time. Default: all.")
+@click.option("--shape", "shapes", multiple=True, metavar="BxS",
+              help="Encoders: batch x sequence length, repeatable. Default: 1x16, 1x128, 8x128.")
+@click.option("--context", "contexts", multiple=True, type=click.IntRange(min=1),
+              help="Decoders: time a prefill of N tokens and one decode step after N cached ones; repeatable. "
+                   "Default: 128.")
+@click.option("--rounds", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Timed rounds (each runs every case on every variant once, interleaved).")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed rounds first.")
+@THREADS
+@click.option("--session-config", "session_config", multiple=True, metavar="KEY=VALUE",
+              help="onnxruntime session config entry, repeatable (e.g. session.intra_op.allow_spinning=0).")
+@ADAPTER
+@ORT_FORMAT
+@click.option("--no-memory", is_flag=True,
+              help="Skip the fresh process per variant that measures session load time and peak RSS.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None,
+              help="Also draw the latencies into this PNG (needs matplotlib).")
+@click.option("--json", "as_json", is_flag=True, help="Print every measurement as JSON on stdout.")
+def bench(bundle: Path, variants: tuple[str, ...], shapes: tuple[str, ...], contexts: tuple[int, ...], rounds: int,
+          warmup: int, threads: int | None, session_config: tuple[str, ...], adapter: str | None, ort_format: bool,
+          no_memory: bool, plot: Path | None, as_json: bool) -> None:
+    """Time each variant of a bundle on this CPU, without torch: latency p50/p90 and throughput per shape,
+    file size, session load time and peak RSS.
+
+    The variants run interleaved in one process (one call each per case per round), so load on the machine
+    hits them alike; load time and peak RSS come from a fresh process per variant. Inputs are synthetic
+    (token ids from the vocabulary, a random KV cache). Decoders are timed at a prefill and a decode step.
+    """
+    from .bench import BenchSpec, run_bench
+
+    spec = BenchSpec(bundle, tuple(variants), tuple(_shape(s) for s in shapes), tuple(contexts), rounds, warmup, threads,
+                     tuple(_config(c) for c in session_config), adapter, ort_format, not no_memory)
+    result = run_bench(spec, progress=lambda m: click.echo(m, err=True))
+    if plot is not None:
+        from .plot import write_bench_plot
+
+        if not write_bench_plot(result, plot):
+            raise UserInputError("--plot needs matplotlib: pip install matplotlib (or export-adapter[plot])")
+        click.echo(f"plot: {plot}", err=True)
+    if as_json:
+        emit_json(result)
+        return
+    config = ", ".join(f"{k}={v}" for k, v in result["session_config"].items())
+    click.echo(f"bundle: {bundle}  ({result['task']}; {result['cpu']['isa']}, {result['cpu']['model']}; "
+               f"onnxruntime {result['onnxruntime']}; threads {result['threads'] or 'default'} of "
+               f"{result['cores']} cores{'; ' + config if config else ''}; {result['rounds']} rounds)")
+    click.echo(f"  {'variant':8s} {'file MB':>8s} {'load s':>7s} {'peak RSS MiB':>13s}")
+    for v, i in result["variants"].items():
+        load = f"{i['load_s']:7.2f}" if "load_s" in i else f"{'-':>7s}"
+        rss = f"{i['peak_rss_mb']:13.0f}" if "peak_rss_mb" in i else f"{'-':>13s}"
+        click.echo(f"  {v:8s} {i['size_mb']:8.1f} {load} {rss}")
+    click.echo(f"  {'case':12s} {'variant':8s} {'p50 ms':>8s} {'p90 ms':>8s} {'throughput':>15s} {'vs fp32':>8s}")
+    last = None
+    for r in result["cases"]:
+        case = r["case"] if r["case"] != last else ""
+        last = r["case"]
+        ratio = f"{r['vs_fp32']:7.2f}x" if r["vs_fp32"] is not None else f"{'-':>8s}"
+        click.echo(f"  {case:12s} {r['variant']:8s} {r['p50_ms']:8.2f} {r['p90_ms']:8.2f} "
+                   f"{r['throughput']:9.1f} {r['unit']:5s} {ratio}")
+
+
 def print_summary(report: dict[str, Any], out: Path) -> None:
     """The human summary of an export or add-adapter Report (the JSON is --json's)."""
     from .report import gate_cells

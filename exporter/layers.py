@@ -20,7 +20,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "device": (
         "__init__", "errors", "formats", "validate", "tolerances", "tasks", "cpu", "interrupts", "probes",
         "parity", "generation", "bundle", "schema", "signing", "swappable", "runtime", "plot", "report",
-        "reference", "runners", "verify", "inspection", "layers",
+        "reference", "runners", "verify", "inspection", "bench", "layers",
     ),
     "build": (
         "loading", "embedded", "merge", "onnx_export", "decoder", "swap_export", "quantize", "ort_format", "weightonly",

@@ -70,3 +70,36 @@ def write_error_plot(report: dict[str, Any], path: Path) -> bool:
     fig.savefig(path, dpi=80, metadata={"Software": None})
     plt.close(fig)
     return True
+
+
+def write_bench_plot(result: dict[str, Any], path: Path) -> bool:
+    """``bench --plot``: per case, each variant's median latency (bar) and p90 (whisker). False without
+    matplotlib."""
+    if not plot_available():
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r["case"] for r in result["cases"]))
+    variants = list(result["variants"])
+    fig, axes = plt.subplots(1, len(cases), figsize=(2.2 + 1.0 * len(variants) * len(cases), 3.4), squeeze=False)
+    for ax, case in zip(axes[0], cases):
+        rows = {r["variant"]: r for r in result["cases"] if r["case"] == case}
+        p50 = [rows[v]["p50_ms"] for v in variants]
+        p90 = [rows[v]["p90_ms"] for v in variants]
+        bars = ax.bar(variants, p50, yerr=[[0] * len(p50), [b - a for a, b in zip(p50, p90)]], capsize=3,
+                      color=[f"C{i}" for i in range(len(variants))])
+        ax.bar_label(bars, labels=[f"{x:.3g}" for x in p50], fontsize=7)
+        ax.set_title(case, fontsize=10)
+        ax.set_ylabel("ms per call (p50, whisker p90)")
+        ax.grid(axis="y", alpha=0.3)
+    threads = result["threads"] or "default"
+    fig.suptitle(f"{Path(result['bundle']).name}: {result['cpu']['isa']}, onnxruntime {result['onnxruntime']}, "
+                 f"threads {threads}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80, metadata={"Software": None})
+    plt.close(fig)
+    return True

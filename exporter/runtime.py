@@ -43,7 +43,9 @@ def run_session(session, names: list[str], feeds: dict[str, np.ndarray], options
         raise BundleError(f"onnxruntime cannot run the graph ({str(e).splitlines()[0][:160]})") from None
 
 
-def make_session(path: Path, providers: list[str] | None = None, threads: int | None = None):
+def make_session(path: Path, providers: list[str] | None = None, threads: int | None = None,
+                 config: dict[str, str] | None = None):
+    """An onnxruntime session; ``config``: session config entries (e.g. session.intra_op.allow_spinning=0)."""
     import onnxruntime as ort
 
     check_threads(threads)
@@ -54,6 +56,11 @@ def make_session(path: Path, providers: list[str] | None = None, threads: int | 
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
+    for key, value in (config or {}).items():
+        try:
+            opts.add_session_config_entry(key, value)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
+            raise UserInputError(f"session config {key}={value}: onnxruntime refuses it ({e})") from None
     chosen = providers or ["CPUExecutionProvider"]
     for f in (path, *path.parent.glob(glob.escape(path.name) + ".data")):
         if not os.access(f, os.R_OK):  # onnxruntime would say only "system error number 13"
@@ -80,7 +87,7 @@ def text_input_names(manifest: dict[str, Any]) -> tuple[str, ...]:
     return tuple(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in names)
 
 
-def _activate(root: Path, manifest: dict[str, Any], adapter: str | None):
+def activate_adapter(root: Path, manifest: dict[str, Any], adapter: str | None):
     """The checked, loaded adapter (kept alive with its RunOptions for the model's lifetime), or None."""
     if adapter is None:
         return None
@@ -131,7 +138,7 @@ class BundleModel:
             raise UserInputError(f"{self.root}: no variant {self.variant!r}; this bundle has {', '.join(variants)}")
         self.task = self.manifest["task"]
         self.adapter = adapter
-        self._active = _activate(self.root, self.manifest, adapter)
+        self._active = activate_adapter(self.root, self.manifest, adapter)
         self.labels = self.manifest.get("labels")
         if adapter is not None:
             self.labels = self.manifest["adapters"]["items"][adapter].get("labels") or self.labels
@@ -258,7 +265,7 @@ class BundleGenerator:
         self.tokenizer = bundle_tokenizer(self.root, self.manifest)
         self.tokenizer.no_padding()
         self.adapter = adapter
-        self._active = _activate(self.root, self.manifest, adapter)
+        self._active = activate_adapter(self.root, self.manifest, adapter)
         self.session = make_session(self.root / graph_file(self.root, variants[self.variant], ort_format), providers,
                                     threads)
 
