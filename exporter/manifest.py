@@ -25,6 +25,7 @@ from .bundle import (
 from .consumers import write_consumer_files
 from .cpu import cpu_features
 from .family_base import BuildContext
+from .fusions import uses_contrib_ops
 from .onnx_export import MIN_ORT_FOR_OPSET
 from .report import Report, new_report, write_report
 from .spec import ExportSpec
@@ -58,7 +59,6 @@ def manifest_head(spec: ExportSpec, task, base, adapter, num_parameters: int) ->
         "num_parameters": num_parameters,
         "opset": spec.opset,
         "min_onnxruntime": MIN_ORT_FOR_OPSET[spec.opset],
-        "onnxruntime_fusions": False,
     }
 
 
@@ -70,6 +70,7 @@ def manifest_tail(ctx: BuildContext, artifacts: dict, effect: dict, required: fl
         "reference": {"probes": PROBES_JSON, "inputs": INPUTS_NPZ, "outputs": OUTPUTS_NPZ,
                       **({"base_outputs": BASE_OUTPUTS_NPZ} if base_reference else {})},
         "variants": variant_entries(artifacts, ctx.task, ctx.spec, ctx.staging),
+        "onnxruntime_fusions": uses_contrib_ops(artifacts["fp32"].path),
         "adapter_effect": {"max_abs_diff": effect, "required_min": required, "meaningful": meaningful},
         "spec": ctx.spec.recorded(),
         "versions": versions(),

@@ -132,6 +132,9 @@ class ArchSpec:
     # Modules that peft must save with a sequence-classification adapter (modules_to_save): the head,
     # plus anything else the task class adds on top of the bare base model (DeBERTa's ContextPooler).
     seq_cls_modules: tuple[str, ...] = ("classifier",)
+    # onnxruntime's transformer optimizer model_type whose fusions apply to the exported graph (exporter/fusions.py);
+    # None: exported unfused. DeBERTa's disentangled attention matches none of its patterns.
+    ort_fusion: str | None = "bert"
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -155,6 +158,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         "deberta-v2", True, ("query_proj", "value_proj"),
         {"text-classification": "classifier", "token-classification": "classifier"},
         seq_cls_modules=("classifier", "pooler"),
+        ort_fusion=None,
     ),
 }
 

@@ -374,6 +374,23 @@ def run_page(chromium: Path, node_modules: Path, bundle: Path, probe: dict, vari
     return got
 
 
+def unfused_logits(bundle: Path, model: BundleModel, adapter: str) -> np.ndarray:
+    """The variant on native onnxruntime at its basic optimization level, with the adapter's tensors active."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(bundle / model.manifest["variants"][model.variant]["file"]), opts)
+    lora = ort.LoraAdapter()
+    lora.Load(str(bundle / model.manifest["adapters"]["items"][adapter]["file"]))
+    options = ort.RunOptions()
+    options.add_active_adapter(lora)
+    names = [i.name for i in session.get_inputs()]
+    return np.stack([session.run(["logits"], {k: v for k, v in model.encode([t]).items() if k in names},
+                                 options)[0][0] for t in TEXTS])
+
+
 def assert_page_switches_like_infer(chromium, node_modules, bundle: Path, adapters: list[str], tmp_path: Path):
     manifest = json.loads((bundle / "manifest.json").read_text())
     # Every switch direction, and back: a stale input from the previous adapter would show here.
@@ -384,6 +401,12 @@ def assert_page_switches_like_infer(chromium, node_modules, bundle: Path, adapte
         for adapter, logits in got["results"]:
             model = BundleModel(bundle, variant=variant, adapter=adapter)
             ours = np.stack([model.run(model.encode([t]))["logits"][0] for t in TEXTS])
+            if manifest["variants"][variant]["dtype"].startswith("int8-dynamic"):
+                # onnxruntime fuses DynamicQuantizeLinear + MatMulInteger at its extended optimization level and
+                # onnxruntime-web does not; the two round an activation code differently now and then (measured:
+                # 0.006 on MiniLM logits of ~4). Unfused, native onnxruntime computes what the page does.
+                np.testing.assert_allclose(np.array(logits), ours, atol=0.05, err_msg=f"{variant} {adapter}")
+                ours = unfused_logits(bundle, model, adapter)
             # The same graph and tensors on onnxruntime-web's wasm build vs the Python wheel: float rounding.
             np.testing.assert_allclose(np.array(logits), ours, atol=1e-4, rtol=1e-4, err_msg=f"{variant} {adapter}")
         by = {a: np.array(v) for a, v in got["results"]}

@@ -62,13 +62,15 @@ def test_published_bundle_verifies_with_stored_thresholds(factory, arch, task):
     assert set(report["variants"]) == {"fp32", "int8", "fp16"}
 
 
-def test_onnx_graph_has_dynamic_axes_and_standard_ops_only(factory):
+def test_onnx_graph_has_dynamic_axes_and_onnxruntime_fusions(factory):
     import onnx
 
     out, _ = factory.bundle("bert", "text-classification")
     model = onnx.load(str(out / "onnx/model.onnx"))
-    domains = {n.domain for n in model.graph.node}
-    assert domains <= {"", "ai.onnx"}, domains
+    fused = {n.op_type for n in model.graph.node if n.domain == "com.microsoft"}
+    assert fused == {"SkipLayerNormalization", "BiasGelu"}, fused  # 2 layers of a tiny bert, each fully fused
+    assert {n.domain for n in model.graph.node} == {"", "com.microsoft"}
+    assert json.loads((out / "manifest.json").read_text())["onnxruntime_fusions"] is True
     for inp in model.graph.input:
         dims = [d.dim_param for d in inp.type.tensor_type.shape.dim]
         assert dims == ["batch_size", "sequence"], (inp.name, dims)
@@ -164,3 +166,34 @@ def test_adapter_with_extra_modules_to_save_and_overlapping_target(factory, tmp_
     with torch.no_grad():
         ref = merged(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
     np.testing.assert_allclose(bundle.run(feeds)["logits"], ref, atol=1e-4, rtol=1e-3)
+
+
+def test_the_encoder_int8_variant_keeps_its_weights_within_the_exact_range(factory):
+    import onnx
+    from onnx import numpy_helper
+
+    out, _ = factory.bundle("bert", "text-classification")
+    model = onnx.load(str(out / "onnx" / "model_quantized.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    weights = [inits[n.input[1]] for n in model.graph.node
+               if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") and n.input[1] in inits]
+    assert len(weights) >= 4
+    # tests/test_quant_numerics.py: within +-64 the u8s8 kernels cannot saturate on any ISA.
+    for w in weights:
+        assert w.dtype == np.int8 and np.abs(w.astype(np.int32)).max() <= 64
+
+
+def test_no_ort_fusions_keeps_standard_onnx_operators(factory, tmp_path):
+    import onnx
+
+    from exporter.pipeline import ExportSpec, run_pipeline
+
+    out = tmp_path / "plain"
+    report = run_pipeline(ExportSpec(adapter=factory.adapter("bert", "text-classification"), out=out,
+                                     quantize=("int8", "fp16"), ort_fusions=False))
+    assert report.passed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["onnxruntime_fusions"] is False and manifest["spec"]["ort_fusions"] is False
+    for v in manifest["variants"].values():
+        domains = {n.domain for n in onnx.load(str(out / v["file"])).graph.node}
+        assert domains <= {"", "ai.onnx"}, (v["file"], domains)

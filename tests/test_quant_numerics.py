@@ -41,6 +41,22 @@ def test_u8u8_matmulinteger_is_exact_at_saturation_extremes():
     np.testing.assert_array_equal(y, exact)
 
 
+def test_u8s8_matmulinteger_with_7_bit_weights_is_exact_at_saturation_extremes():
+    """The encoders' int8 (quantize.py): u8 activations, signed weights within +-64. Every pair of products is
+    as large as it can get (255 * 64 twice = 32640), one step below int16 saturation on vpmaddubsw."""
+    rng = np.random.default_rng(0)
+    m, k, n = 8, 384, 64
+    a = rng.integers(250, 256, (m, k)).astype(np.uint8)
+    b = (rng.choice(np.array([-64, 64], np.int8), (1, n)) * np.ones((k, 1), np.int8)).astype(np.int8)
+    b[::7] = rng.choice(np.array([-64, 63, 64], np.int8), (b[::7].shape))  # and some mixed columns
+    sess = _session([helper.make_node("MatMulInteger", ["A", "B", "az", "bz"], ["Y"])],
+                    [helper.make_tensor_value_info("A", TensorProto.UINT8, [m, k])],
+                    [helper.make_tensor_value_info("Y", TensorProto.INT32, None)],
+                    {"B": b, "az": np.array(0, np.uint8), "bz": np.zeros((n,), np.int8)})
+    y = sess.run(None, {"A": a})[0]
+    np.testing.assert_array_equal(y, a.astype(np.int64) @ b.astype(np.int64))
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_matmulnbits_computes_one_of_its_two_exact_definitions(bits):
     """accuracy_level 4 quantizes activations to int8 per row and block; the integer dot products must be exact.
