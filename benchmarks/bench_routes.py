@@ -119,7 +119,8 @@ def gemm_peak(threads: int, size: int = 1024, rounds: int = 10) -> dict[str, flo
                      numpy_helper.from_array(np.zeros((size,), zp), "bz")]
             a = rng.integers(0, 256, (size, size)).astype(np.uint8)
         graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", a_type, [size, size])],
-                                  [helper.make_tensor_value_info("Y", TensorProto.UNDEFINED, None)], inits)
+                                  [helper.make_tensor_value_info("Y", TensorProto.FLOAT if zp is None else TensorProto.INT32,
+                                                                 None)], inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         sess.run(None, {"A": a})
