@@ -12,6 +12,8 @@ onnxruntime contrib ops (com.microsoft), which onnxruntime, onnxruntime-web and 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from pathlib import Path
 
@@ -31,8 +33,10 @@ def fuse_transformer(path: Path, model_type: str) -> dict[str, int]:
     levels = [lg.level for lg in quiet]
     for lg in quiet:
         lg.setLevel(logging.ERROR)
+    # It also print()s ("failed in shape inference ...") where stdout belongs to the CLI's results (--json).
     try:
-        optimized = optimize_model(str(path), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0)
+        with contextlib.redirect_stdout(io.StringIO()):
+            optimized = optimize_model(str(path), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0)
     except Exception as e:  # noqa: BLE001 - the optimizer raises plain exceptions on patterns it misreads
         raise ExporterError(f"onnxruntime's transformer fusions failed on {path.name}: {type(e).__name__}: "
                             f"{str(e)[:160]}") from None

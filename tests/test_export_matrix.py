@@ -197,3 +197,27 @@ def test_no_ort_fusions_keeps_standard_onnx_operators(factory, tmp_path):
     for v in manifest["variants"].values():
         domains = {n.domain for n in onnx.load(str(out / v["file"])).graph.node}
         assert domains <= {"", "ai.onnx"}, (v["file"], domains)
+
+
+def test_fusions_keep_stdout_for_the_cli_results(factory, tmp_path, monkeypatch, capfd):
+    """onnxruntime's optimizer print()s on graphs its shape inference fails on (seen on MiniLM's NER export);
+    stdout carries `export --json`, so nothing of that may reach it."""
+    import shutil
+
+    import onnxruntime.transformers.optimizer as optimizer
+
+    from exporter.fusions import fuse_transformer
+
+    real = optimizer.optimize_model
+
+    def noisy(*args, **kwargs):
+        print("failed in shape inference <class 'TypeError'>")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(optimizer, "optimize_model", noisy)
+    out, _ = factory.bundle("bert", "text-classification")
+    graph = tmp_path / "model.onnx"
+    shutil.copy(out / "onnx" / "model.onnx", graph)
+    capfd.readouterr()
+    assert set(fuse_transformer(graph, "bert")) == {"SkipLayerNormalization", "BiasGelu"}
+    assert capfd.readouterr().out == ""
