@@ -256,8 +256,10 @@ def zero_points_off_by_one(path: Path) -> None:
     inits = {i.name: i for i in model.graph.initializer}
     zps = {n.input[3] for n in model.graph.node if n.op_type == "MatMulInteger" and len(n.input) > 3}
     for name in zps & set(inits):
-        a = numpy_helper.to_array(inits[name]).astype(np.int32)
-        inits[name].CopyFrom(numpy_helper.from_array(np.clip(a + 1, 0, 255).astype(np.uint8), name))
+        a = numpy_helper.to_array(inits[name])
+        info = np.iinfo(a.dtype)  # uint8 (unsigned weights) or int8 (7-bit signed weights, zero point 0)
+        inits[name].CopyFrom(numpy_helper.from_array(np.clip(a.astype(np.int32) + 1, info.min, info.max)
+                                                     .astype(a.dtype), name))
     if not zps:
         raise RuntimeError(f"{path}: no MatMulInteger weight zero points")
     onnx.save(model, str(path))
