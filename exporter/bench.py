@@ -70,8 +70,7 @@ class Case:
 @dataclass
 class _Loaded:
     session: Any
-    feeds: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
-    run_options: Any = None
+    feeds: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # per case name
 
 
 def cases_for(manifest: dict[str, Any], spec: BenchSpec) -> list[Case]:
@@ -134,8 +133,7 @@ def _load(root: Path, manifest: dict[str, Any], variant: str, spec: BenchSpec, c
     entry = manifest["variants"][variant]
     session = make_session(root / graph_file(root, entry, spec.ort_format), threads=spec.threads,
                            config=dict(spec.session_config))
-    loaded = _Loaded(session, {c.name: make_feeds(session, c, vocab) for c in cases})
-    return loaded
+    return _Loaded(session, {c.name: make_feeds(session, c, vocab) for c in cases})
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -163,7 +161,8 @@ def _child_measure(request: dict[str, Any]) -> dict[str, Any]:
     return {"load_s": load_s, "peak_rss_mb": peak}
 
 
-def _child_main() -> None:
+def child_main() -> None:
+    """The fresh process of ``_memory``: a request on stdin, its measurement as JSON on stdout."""
     print(json.dumps(_child_measure(json.loads(sys.stdin.read()))))
 
 
@@ -171,7 +170,7 @@ def _memory(root: Path, variant: str, spec: BenchSpec, cases: list[Case]) -> dic
     request = {"bundle": str(root), "variant": variant, "threads": spec.threads,
                "session_config": [list(kv) for kv in spec.session_config], "ort_format": spec.ort_format,
                "adapter": spec.adapter, "cases": [c.__dict__ for c in cases]}
-    proc = subprocess.run([sys.executable, "-c", "from exporter.bench import _child_main; _child_main()"],
+    proc = subprocess.run([sys.executable, "-c", "from exporter.bench import child_main; child_main()"],
                           input=json.dumps(request), capture_output=True, text=True, timeout=1800)
     if proc.returncode:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -225,15 +224,14 @@ def run_bench(spec: BenchSpec, progress: Callable[[str], None] = lambda _: None)
 
     rows = []
     for c in cases:
-        base = statistics.median(times[(variants[0], c.name)]) if "fp32" not in variants else \
-            statistics.median(times[("fp32", c.name)])
+        base = statistics.median(times[("fp32", c.name)]) if "fp32" in variants else None
         for v in variants:
             t = times[(v, c.name)]
             p50 = statistics.median(t)
             rows.append({"variant": v, "case": c.name, "kind": c.kind, "batch": c.batch, "tokens": c.tokens,
                          "past": c.past, "p50_ms": p50 * 1e3, "p90_ms": _percentile(t, 90) * 1e3,
                          "throughput": c.throughput(p50), "unit": c.unit,
-                         "vs_fp32": p50 / base if "fp32" in variants else None})
+                         "vs_fp32": p50 / base if base else None})
     import onnxruntime as ort
 
     return {"bundle": str(root), "task": manifest["task"], "family": family_of(manifest).name,
