@@ -114,7 +114,7 @@ def cli() -> None:
                    "else the base's id2label.")
 @click.option("--quantize", "quantize", multiple=True, type=click.Choice([*QUANTIZE_MODES, "none"]),
               help="Extra variant(s) beside the fp32 reference; repeatable. Default: int8. Encoders: int8 is "
-                   "dynamic per-channel, 7-bit signed weights. Decoders: int8 and int4 are weight-only (MatMulNBits, int8 "
+                   "dynamic per-channel (U8U8). Decoders: int8 and int4 are weight-only (MatMulNBits, int8 "
                    "compute); int4 is for text-generation models only.")
 @click.option("--int4-block-size", type=click.Choice(["16", "32", "64", "128"]), default=str(DEFAULT_INT4_BLOCK), show_default=True,
               help="Block size of int4 weight quantization.")

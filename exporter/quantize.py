@@ -20,7 +20,7 @@ def variant_dtype(mode: str, *, decoder: bool, block_size: int = DEFAULT_INT4_BL
     from .weightonly import INT8_BLOCK
 
     if mode == "int8":
-        return f"int8-weight-only-block{INT8_BLOCK}" if decoder else "int8-dynamic-per-channel-s7"
+        return f"int8-weight-only-block{INT8_BLOCK}" if decoder else "int8-dynamic-per-channel-u8u8"
     if mode == "int4":
         return f"int4-weight-only-block{block_size}-min-offset" + ("-int4-embedding" if int4_embedding else "")
     return {"fp32": "float32", "fp16": "float16"}[mode]
@@ -58,15 +58,15 @@ def quantize(fp32: OnnxArtifact, mode: str, out_dir: Path, *, decoder: bool, blo
 def _int8(src: Path, dst: Path, external: bool) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # Dynamic per-channel int8 for encoders: full static QDQ gave wrong labels. The weights are signed and 7-bit
-    # (reduce_range: codes within +-64). onnxruntime's fast int8 kernel on CPUs without VNNI (U8S8 on vpmaddubsw)
-    # sums pairs of u8 x s8 products in int16: with 8-bit weights they saturate (measured on AVX2: a MatMulInteger
-    # off by 44% of its value; MiniLM probabilities off by up to 0.40), while VNNI CPUs compute them exactly, so
-    # the same bundle scored differently per CPU. With |w| <= 64 a pair is at most 2 * 255 * 64 = 32640 < 2^15:
-    # exact on every ISA (tests/test_quant_numerics.py). Issue 15 measured, MiniLM sentiment on AVX2 without VNNI
-    # (1 thread): 0.83x the latency of unsigned weights (U8U8, exact too, but on the 16-bit kernel) at b8 s128,
-    # 0.88x at b1 s128; on the 192 eval texts max |dp| 0.262 vs 0.351 and mean KL 4.5e-3 vs 4.0e-3, accuracy
-    # 0.870 vs 0.865. Per-tensor 7-bit weights lost far more (max |dp| 0.77).
+    # Dynamic per-channel int8 for encoders: 2-4x faster than torch eager; full static QDQ gave wrong labels.
+    # Weights are unsigned (U8U8): the default signed weights (U8S8) run on vpmaddubsw on CPUs without VNNI,
+    # whose int16 pair sums saturate (measured on AVX2: a MatMulInteger off by 44% of its value; MiniLM
+    # probabilities off by up to 0.40, tiny token classifiers failing their gate), while VNNI CPUs compute
+    # them exactly, so the same bundle scored differently per CPU. U8U8 kernels are exact on every ISA
+    # (tests/test_quant_numerics.py). Issue 15 measured the way out of the slower kernel: 7-bit signed weights
+    # (reduce_range, |w| <= 64) are exact on the fast U8S8 kernel and ran 0.83x U8U8's latency at b8 s128 on
+    # AVX2, but benchmarks/bench_gates.py's 3-label classifier (LoRA on q/k/v/dense, fitted head) then kept only
+    # 0.93 of its clear-margin argmaxes (gate 0.98): a false reject U8U8 does not have. So U8U8 stays.
     # The "run pre-processing" hint onnxruntime logs on the root logger does not apply to dynamic mode,
     # so it is filtered out for the duration of the call.
     root = logging.getLogger()
@@ -74,8 +74,7 @@ def _int8(src: Path, dst: Path, external: bool) -> None:
     root.addFilter(hint)
     try:
         quantize_dynamic(
-            str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8, reduce_range=True,
-            use_external_data_format=external,
+            str(src), str(dst), per_channel=True, weight_type=QuantType.QUInt8, use_external_data_format=external,
             # Shape inference cannot type the outputs of onnxruntime's fused ops (SkipLayerNormalization...).
             extra_options={"DefaultTensorType": 1},  # onnx.TensorProto.FLOAT
         )

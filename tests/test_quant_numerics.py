@@ -42,8 +42,9 @@ def test_u8u8_matmulinteger_is_exact_at_saturation_extremes():
 
 
 def test_u8s8_matmulinteger_with_7_bit_weights_is_exact_at_saturation_extremes():
-    """The encoders' int8 (quantize.py): u8 activations, signed weights within +-64. Every pair of products is
-    as large as it can get (255 * 64 twice = 32640), one step below int16 saturation on vpmaddubsw."""
+    """7-bit signed weights (what issue 15 weighed for encoders, see quantize.py): u8 activations, weights within
+    +-64. Every pair of products is as large as it can get (255 * 64 twice = 32640), one step below int16
+    saturation on vpmaddubsw."""
     rng = np.random.default_rng(0)
     m, k, n = 8, 384, 64
     a = rng.integers(250, 256, (m, k)).astype(np.uint8)
