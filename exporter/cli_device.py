@@ -64,9 +64,7 @@ def verify(bundle: Path, variants: tuple[str, ...], providers: tuple[str, ...], 
     if plot is not None:
         from .plot import write_error_plot
 
-        if not write_error_plot(report, plot):
-            raise UserInputError("--plot needs matplotlib: pip install matplotlib (or export-adapter[plot])")
-        click.echo(f"plot: {plot}", err=True)
+        write_plot(write_error_plot, report, plot)
     if as_json:
         emit_json(report)
     else:
@@ -99,6 +97,13 @@ def verify(bundle: Path, variants: tuple[str, ...], providers: tuple[str, ...], 
         click.echo(f"{bundle}: {'verified' if report['passed'] else 'VERIFICATION FAILED'}")
     if not report["passed"]:
         sys.exit(EXIT_PARITY)
+
+
+def write_plot(writer, data: dict[str, Any], plot: Path) -> None:
+    """--plot of verify and bench: the writer returns False when matplotlib is missing."""
+    if not writer(data, plot):
+        raise UserInputError("--plot needs matplotlib: pip install matplotlib (or export-adapter[plot])")
+    click.echo(f"plot: {plot}", err=True)
 
 
 def one_line(value: str) -> str:
@@ -279,9 +284,7 @@ def bench(bundle: Path, variants: tuple[str, ...], shapes: tuple[str, ...], cont
     if plot is not None:
         from .plot import write_bench_plot
 
-        if not write_bench_plot(result, plot):
-            raise UserInputError("--plot needs matplotlib: pip install matplotlib (or export-adapter[plot])")
-        click.echo(f"plot: {plot}", err=True)
+        write_plot(write_bench_plot, result, plot)
     if as_json:
         emit_json(result)
         return
