@@ -6,6 +6,7 @@ Results go to stdout (``--json`` for machines); progress and errors go to stderr
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -366,7 +367,12 @@ for _command in (keygen, verify, infer, generate, inspect, bench):
 
 
 def main() -> None:
-    cli(prog_name="export-adapter")
+    try:
+        cli(prog_name="export-adapter")
+    finally:
+        # The interpreter's collections at exit walk every object torch and transformers made (~360k):
+        # 1.8 s of a 2.2 s exit on an AVX2 EPYC. Frozen objects are skipped; the process ends anyway.
+        gc.freeze()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from .errors import ExporterError, UnsupportedError
@@ -56,7 +55,7 @@ def quantize(fp32: OnnxArtifact, mode: str, out_dir: Path, *, decoder: bool, blo
 
 
 def _int8(src: Path, dst: Path, external: bool) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from .int8 import quantize_dynamic_u8u8
 
     # Dynamic per-channel int8 for encoders: 2-4x faster than torch eager; full static QDQ gave wrong labels.
     # Weights are unsigned (U8U8): the default signed weights (U8S8) run on vpmaddubsw on CPUs without VNNI,
@@ -67,28 +66,11 @@ def _int8(src: Path, dst: Path, external: bool) -> None:
     # (reduce_range, |w| <= 64) are exact on the fast U8S8 kernel and ran 0.83x U8U8's latency at b8 s128 on
     # AVX2, but benchmarks/bench_gates.py's 3-label classifier (LoRA on q/k/v/dense, fitted head) then kept only
     # 0.93 of its clear-margin argmaxes (gate 0.98): a false reject U8U8 does not have. So U8U8 stays.
-    # The "run pre-processing" hint onnxruntime logs on the root logger does not apply to dynamic mode,
-    # so it is filtered out for the duration of the call.
-    root = logging.getLogger()
-    hint = _DropMessage("pre-processing before quantization")
-    root.addFilter(hint)
-    try:
-        quantize_dynamic(
-            str(src), str(dst), per_channel=True, weight_type=QuantType.QUInt8, use_external_data_format=external,
-            # Shape inference cannot type the outputs of onnxruntime's fused ops (SkipLayerNormalization...).
-            extra_options={"DefaultTensorType": 1},  # onnx.TensorProto.FLOAT
-        )
-    finally:
-        root.removeFilter(hint)
-
-
-class _DropMessage(logging.Filter):
-    def __init__(self, needle: str) -> None:
-        super().__init__()
-        self.needle = needle
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.needle not in record.getMessage()
+    # The graph and weights are onnxruntime's quantize_dynamic(per_channel=True, weight_type=QUInt8), made in
+    # one vectorised pass (int8.py: 0.8 s instead of 5.6 s on MiniLM).
+    counts = quantize_dynamic_u8u8(src, dst, external)
+    if not counts["matmul"]:
+        raise ExporterError("int8: the graph has no MatMul or Gemm with a constant weight to quantize")
 
 
 def _fp16(src: Path, dst: Path, external: bool) -> None:
