@@ -101,22 +101,62 @@ def export_onnx(
 def dynamo_export(module, args: tuple, path: Path, input_names: tuple[str, ...], output_names: tuple[str, ...],
                   opset: int, dynamic_shapes: list) -> OnnxArtifact:
     """The dynamo exporter's one path (merged encoders, swappable graphs): the opset checked before tracing,
-    external data past the threshold, the written file checked."""
+    the traced graph from graph_cache.py when this structure was exported before, external data past the
+    threshold, the written file checked."""
     check_opset(opset)
-    torch_export(module, args, path, input_names=list(input_names), output_names=list(output_names),
-                 opset_version=opset, dynamo=True, dynamic_shapes={"args": tuple(dynamic_shapes)},
-                 external_data=parameter_bytes(module) > EXTERNAL_DATA_THRESHOLD, verbose=False)
-    strip_node_metadata(path)
+    shapes = {"args": tuple(dynamic_shapes)}
+    options = dict(input_names=list(input_names), output_names=list(output_names), opset_version=opset,
+                   dynamo=True, dynamic_shapes=shapes, verbose=False)
+    if parameter_bytes(module) > EXTERNAL_DATA_THRESHOLD:  # protobuf cannot hold it: torch writes the data file
+        torch_export(module, args, path, external_data=True, **options)
+        model = _load_graph_only(path)
+        strip_metadata(model)
+        import onnx
+
+        onnx.save(model, str(path))
+    else:
+        from . import graph_cache
+
+        key = graph_cache.graph_key(module, args, input_names, output_names, opset, shapes)
+        traced = graph_cache.load(key, module)
+        if traced is None:
+            traced = _serialize(torch_export(module, args, None, optimize=False, **options).model)
+            strip_metadata(traced)
+            graph_cache.store(key, traced, module)
+        _optimize_and_save(traced, path)
     return checked_artifact(path, opset, tuple(input_names), tuple(output_names))
 
 
-def strip_node_metadata(path: Path) -> None:
-    """Drop the exporter's per-node metadata_props: stack traces full of the exporting machine's paths (1654
-    site-packages paths in MiniLM's graph; 31-59% of a small decoder's file), which nothing reads. The weights in
-    an external data file are not loaded or rewritten."""
+def _serialize(model):
+    import onnx_ir as ir
+
+    return ir.serde.serialize_model(model)
+
+
+def _load_graph_only(path: Path):
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    return onnx.load(str(path), load_external_data=False)
+
+
+def _optimize_and_save(proto, path: Path) -> None:
+    """What ``torch.onnx.export(optimize=True)`` does after translating: onnxscript's optimizer (constant
+    folding, dead code), then the graph saved without the node metadata it adds."""
+    import onnx
+    import onnx_ir as ir
+    import onnxscript.optimizer
+
+    model = ir.serde.deserialize_model(proto)
+    onnxscript.optimizer.optimize_ir(model)
+    out = _serialize(model)
+    strip_metadata(out)
+    onnx.save(out, str(path))
+
+
+def strip_metadata(model) -> None:
+    """Drop the exporter's per-node metadata_props: stack traces full of the exporting machine's paths (1654
+    site-packages paths in MiniLM's graph; 31-59% of a small decoder's file), which nothing reads."""
+    import onnx
 
     def strip(graph) -> None:
         for node in graph.node:
@@ -131,7 +171,6 @@ def strip_node_metadata(path: Path) -> None:
     for function in model.functions:
         for node in function.node:
             del node.metadata_props[:]
-    onnx.save(model, str(path))
 
 
 # The batch axis's name in every graph: transformers.js builds an empty KV cache from a graph's dim names and
@@ -156,7 +195,7 @@ def parameter_bytes(module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def torch_export(module, args: tuple, path: Path, **options: Any) -> None:
+def torch_export(module, args: tuple, path: Path | None, **options: Any):
     """torch.onnx.export with its progress kept off our stdout (results, --json) and its warnings silenced
     (TracerWarnings about shape-dependent branches: parity checks the graph); a failure is one line, while a
     failed write (disk full, permissions) stays an OSError for the caller to name."""
@@ -166,7 +205,7 @@ def torch_export(module, args: tuple, path: Path, **options: Any) -> None:
     with warnings.catch_warnings(), contextlib.redirect_stdout(out):
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(module, args, str(path), **options)
+            return torch.onnx.export(module, args, None if path is None else str(path), **options)
         except OSError:
             raise
         except Exception as e:  # noqa: BLE001 - the exporter raises many types; name it and stop

@@ -1,4 +1,4 @@
-"""Quantized variants of the fp32 graph, made with onnxruntime's own tools (torch-free)."""
+"""Quantized variants of the fp32 graph, torch-free: int8.py (encoders), weightonly.py (decoders), onnxruntime's fp16 converter."""
 
 from __future__ import annotations
 

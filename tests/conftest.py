@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import venv
 from pathlib import Path
 
@@ -10,6 +11,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# exporter/graph_cache.py: each test session starts with an empty cache of its own (CLI subprocesses inherit it),
+# so no result depends on what an earlier run or the user's own exports left in ~/.cache.
+os.environ["EXPORT_ADAPTER_GRAPH_CACHE"] = tempfile.mkdtemp(prefix="export-adapter-graphs-")
 
 
 @pytest.fixture(scope="session")
