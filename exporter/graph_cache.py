@@ -111,7 +111,7 @@ def load(key: str, module):
     except DecodeError:
         log.warning("graph cache: %s is not an ONNX graph; exporting afresh", path)
         return None
-    if _fill(proto, module_tensors(module)) is None:
+    if not _fill(proto, module_tensors(module)):
         log.warning("graph cache: %s does not match the model's tensors; exporting afresh", path)
         return None
     log.info("graph cache: reusing %s", path.name)
@@ -122,21 +122,21 @@ MARKER = "export_adapter.graph_cache.emptied"
 DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
 
 
-def _fill(proto, tensors: dict[str, Any]):
-    """Each emptied initializer gets the module's tensor of its name; None when a name, shape or dtype differs."""
+def _fill(proto, tensors: dict[str, Any]) -> bool:
+    """Each emptied initializer gets the module's tensor of its name; False when a name, shape or dtype differs."""
     props = [p for p in proto.metadata_props if p.key == MARKER]
     if len(props) != 1:
-        return None
+        return False
     empty = [i for i in proto.graph.initializer if i.name in tensors and not _has_data(i)]
     if props[0].value != str(len(empty)):
-        return None
+        return False
     for init in empty:
         t = tensors[init.name].detach().cpu().contiguous()
         if list(init.dims) != list(t.shape) or init.data_type != _onnx_dtype(t.dtype):
-            return None
+            return False
         init.raw_data = _raw(t)
     proto.metadata_props.remove(props[0])
-    return proto
+    return True
 
 
 def _has_data(init) -> bool:

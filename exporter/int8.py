@@ -7,7 +7,8 @@ the chain onnxruntime fuses into DynamicQuantizeMatMul; constant embedding table
 DequantizeLinear. Why unsigned weights: see quantize.py.
 
 Why not onnxruntime's tool: it quantizes a weight one channel at a time in Python, 4.3 s of a MiniLM export's
-int8 step (21 125 calls, AVX2 EPYC); here one vectorised pass per weight takes ~0.3 s for the whole graph.
+int8 step (21 125 calls, AVX2 EPYC); here one vectorised pass per weight: 0.8 s for MiniLM's
+whole int8 step, load and save included, against 5.6 s.
 """
 
 from __future__ import annotations
@@ -67,26 +68,16 @@ def quantize_dynamic_u8u8(src: Path, dst: Path, external: bool) -> dict[str, int
         return arrays[name]
 
     new_inits: list = []
-    made: set[str] = set()
-
-    def add(name: str, value: np.ndarray) -> str:
-        if name in taken:
-            raise ExporterError(f"int8: the graph already has a tensor named {name!r}; export with --quantize none "
-                                "and report this graph")
-        if name not in made:
-            made.add(name)
-            new_inits.append(numpy_helper.from_array(value, name))
-        return name
+    quantized: dict[str, tuple[str, str, str]] = {}  # a weight's name -> its quantized tensors, made once
 
     def weight(base: str, w: np.ndarray, axis: int | None) -> tuple[str, str, str]:
-        if base + "_quantized" not in made:
+        if base not in quantized:
             q = quantize_u8(w, axis)
-            add(base + "_quantized", q.data)
-            add(base + "_scale", q.scale)
-            add(base + "_zero_point", q.zero_point)
-        return base + "_quantized", base + "_scale", base + "_zero_point"
+            names = (base + "_quantized", base + "_scale", base + "_zero_point")
+            new_inits.extend(numpy_helper.from_array(v, n) for n, v in zip(names, (q.data, q.scale, q.zero_point)))
+            quantized[base] = names
+        return quantized[base]
 
-    taken = {t for n in graph.node for t in (*n.input, *n.output)} | set(inits) | {i.name for i in graph.input}
     nodes: list = []
     activations: dict[str, tuple[str, str, str]] = {}
     replaced: set[str] = set()  # float initializers some quantized node no longer reads
@@ -137,14 +128,15 @@ def quantize_dynamic_u8u8(src: Path, dst: Path, external: bool) -> dict[str, int
             continue
         nodes.append(node)
 
-    produced = [o for n in nodes for o in n.output]
-    sources = set(inits) | {i.name for i in graph.input}
-    if len(produced) != len(set(produced)) or sources & set(produced):
-        clash = sorted({o for o in produced if produced.count(o) > 1} | (sources & set(produced)))
-        raise ExporterError(f"int8: the quantized graph would define {clash[0]!r} twice (a name the graph already "
-                            "uses); export with --quantize none and report this graph")
     still_read = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
     keep = [i for i in graph.initializer if i.name not in replaced or i.name in still_read]
+    # Every name is defined once; a graph that already used one of the generated names would break that.
+    defined = [o for n in nodes for o in n.output] + [i.name for i in keep + new_inits] + [i.name for i in graph.input]
+    if len(defined) != len(set(defined)):
+        seen: set[str] = set()
+        clash = next(d for d in defined if d in seen or seen.add(d))
+        raise ExporterError(f"int8: the quantized graph would define {clash!r} twice (a name the graph already "
+                            "uses); export with --quantize none and report this graph")
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.initializer[:]

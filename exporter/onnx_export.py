@@ -108,11 +108,11 @@ def dynamo_export(module, args: tuple, path: Path, input_names: tuple[str, ...],
     options = dict(input_names=list(input_names), output_names=list(output_names), opset_version=opset,
                    dynamo=True, dynamic_shapes=shapes, verbose=False)
     if parameter_bytes(module) > EXTERNAL_DATA_THRESHOLD:  # protobuf cannot hold it: torch writes the data file
-        torch_export(module, args, path, external_data=True, **options)
-        model = _load_graph_only(path)
-        strip_metadata(model)
         import onnx
 
+        torch_export(module, args, path, external_data=True, **options)
+        model = onnx.load(str(path), load_external_data=False)  # the weights stay in their file, untouched
+        strip_metadata(model)
         onnx.save(model, str(path))
     else:
         from . import graph_cache
@@ -131,12 +131,6 @@ def _serialize(model):
     import onnx_ir as ir
 
     return ir.serde.serialize_model(model)
-
-
-def _load_graph_only(path: Path):
-    import onnx
-
-    return onnx.load(str(path), load_external_data=False)
 
 
 def _optimize_and_save(proto, path: Path) -> None:

@@ -67,7 +67,7 @@ def _int8(src: Path, dst: Path, external: bool) -> None:
     # AVX2, but benchmarks/bench_gates.py's 3-label classifier (LoRA on q/k/v/dense, fitted head) then kept only
     # 0.93 of its clear-margin argmaxes (gate 0.98): a false reject U8U8 does not have. So U8U8 stays.
     # The graph and weights are onnxruntime's quantize_dynamic(per_channel=True, weight_type=QUInt8), made in
-    # one vectorised pass (int8.py: 0.8 s instead of 5.6 s on MiniLM).
+    # one vectorised pass (int8.py).
     counts = quantize_dynamic_u8u8(src, dst, external)
     if not counts["matmul"]:
         raise ExporterError("int8: the graph has no MatMul or Gemm with a constant weight to quantize")
