@@ -1,10 +1,18 @@
-"""Dynamic int8 for encoder graphs (U8U8, weights per output channel), numpy and onnx only (build side).
+"""Dynamic int8 for encoder graphs (weights per output channel), numpy and onnx only (build side).
 
-The graph is what onnxruntime's ``quantize_dynamic(per_channel=True, weight_type=QUInt8)`` writes, and the weights
-are the same bytes (tests/test_int8.py compares them): each MatMul/Gemm with a constant 2-D weight becomes
+Two weight formats (``WEIGHTS``), both exact on every x86 ISA (tests/test_quant_numerics.py):
+- ``signed7``: int8 weights within +-64, symmetric (zero point 0). The MatMuls are what onnxruntime's
+  ``quantize_dynamic(per_channel=True, weight_type=QInt8, reduce_range=True)`` writes, byte for byte. They run
+  on onnxruntime's u8 x s8 kernels (VNNI, AMX), 11x the u8 x u8 kernel's peak on an AVX-512 AMX Xeon and 1.5x on
+  AVX2; 255 * 64 * 2 = 32640 keeps vpmaddubsw's int16 pair sums from saturating on CPUs without VNNI.
+- ``unsigned``: uint8 weights with a zero point (U8U8), what ``quantize_dynamic(per_channel=True,
+  weight_type=QUInt8)`` writes: twice the resolution, on the slower kernel.
+Embedding tables are uint8 per tensor in both (a Gather's speed does not depend on it).
+
+Each MatMul/Gemm with a constant 2-D weight becomes
 DynamicQuantizeLinear (once per activation) -> MatMulInteger -> Cast -> Mul by the product of the two scales,
 the chain onnxruntime fuses into DynamicQuantizeMatMul; constant embedding tables become a uint8 Gather and a
-DequantizeLinear. Why unsigned weights: see quantize.py.
+DequantizeLinear. Which weights a bundle gets: see quantize.py.
 
 Why not onnxruntime's tool: it quantizes a weight one channel at a time in Python, 4.3 s of a MiniLM export's
 int8 step (21 125 calls, AVX2 EPYC); here one vectorised pass per weight: 0.8 s for MiniLM's
@@ -21,13 +29,15 @@ import numpy as np
 from .errors import ExporterError
 
 QMAX = 255  # uint8, not reduced: U8U8 kernels cannot saturate (tests/test_quant_numerics.py)
+S7 = 64  # signed7: |q| <= 64, onnxruntime's reduce_range for int8 (-64..64)
+WEIGHTS = ("signed7", "unsigned")
 
 
 @dataclass(frozen=True)
 class QuantizedWeight:
     data: np.ndarray  # uint8, the weight's shape
     scale: np.ndarray  # float32: per column (2-D MatMul weights) or a scalar (embedding tables)
-    zero_point: np.ndarray  # uint8, the scale's shape
+    zero_point: np.ndarray  # uint8 (signed7: int8 zeros), the scale's shape
 
 
 def quantize_u8(w: np.ndarray, axis: int | None) -> QuantizedWeight:
@@ -49,14 +59,32 @@ def quantize_u8(w: np.ndarray, axis: int | None) -> QuantizedWeight:
     return QuantizedWeight(np.clip(q, 0, QMAX).astype(np.uint8), scale, zero_point)
 
 
-def quantize_dynamic_u8u8(src: Path, dst: Path, external: bool) -> dict[str, int]:
-    """Write the int8 variant of the fp32 graph at ``src`` to ``dst``; how many MatMuls and tables it quantized."""
+def quantize_s7(w: np.ndarray) -> QuantizedWeight:
+    """Symmetric int8 within +-64 per column of a [K, N] weight, as onnxruntime's ``compute_scale_zp`` does for
+    QInt8 with reduce_range: scale = 2 * absmax / 128 in float64, stored float32; zero point 0."""
+    w = np.asarray(w, dtype=np.float32)
+    absmax = np.maximum(np.abs(np.minimum(w.min(axis=0), np.float32(0))), np.maximum(w.max(axis=0), np.float32(0)))
+    scale64 = 2 * absmax.astype(np.float64) / float(2 * S7)
+    flat = scale64 < np.finfo(np.float32).tiny
+    scale = np.where(flat, np.float32(1.0), scale64.astype(np.float32)).astype(np.float32)
+    q = np.clip(np.round(w / scale.reshape(1, -1)), -S7, S7).astype(np.int8)
+    return QuantizedWeight(q, scale, np.zeros(scale.shape, np.int8))
+
+
+def quantize_dynamic_int8(src: Path, dst: Path, external: bool, weights: str = "signed7") -> dict[str, int]:
+    """Write the int8 variant of the fp32 graph at ``src`` to ``dst`` with ``weights`` (one of ``WEIGHTS``); how
+    many MatMuls and tables it quantized."""
     import onnx
     from onnx import helper, numpy_helper
 
+    if weights not in WEIGHTS:
+        raise ExporterError(f"int8 weights {weights!r}: use one of {', '.join(WEIGHTS)}")
     model = onnx.load(str(src))
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
+    # An initializer that is also a graph input is a default the caller may override (a swappable graph's
+    # adapter inputs): not a constant, so never quantized.
+    overridable = {i.name for i in graph.input}
+    inits = {i.name: i for i in graph.initializer if i.name not in overridable}
     arrays: dict[str, np.ndarray] = {}
 
     def const(name: str) -> np.ndarray | None:
@@ -72,7 +100,7 @@ def quantize_dynamic_u8u8(src: Path, dst: Path, external: bool) -> dict[str, int
 
     def weight(base: str, w: np.ndarray, axis: int | None) -> tuple[str, str, str]:
         if base not in quantized:
-            q = quantize_u8(w, axis)
+            q = quantize_s7(w) if weights == "signed7" and axis == 1 else quantize_u8(w, axis)
             names = (base + "_quantized", base + "_scale", base + "_zero_point")
             new_inits.extend(numpy_helper.from_array(v, n) for n, v in zip(names, (q.data, q.scale, q.zero_point)))
             quantized[base] = names
@@ -131,7 +159,9 @@ def quantize_dynamic_u8u8(src: Path, dst: Path, external: bool) -> dict[str, int
     still_read = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
     keep = [i for i in graph.initializer if i.name not in replaced or i.name in still_read]
     # Every name is defined once; a graph that already used one of the generated names would break that.
-    defined = [o for n in nodes for o in n.output] + [i.name for i in keep + new_inits] + [i.name for i in graph.input]
+    kept = {i.name for i in keep}  # an input with a default initializer is one name, defined once
+    defined = ([o for n in nodes for o in n.output] + [i.name for i in keep + new_inits]
+               + [i.name for i in graph.input if i.name not in kept])
     if len(defined) != len(set(defined)):
         seen: set[str] = set()
         clash = next(d for d in defined if d in seen or seen.add(d))

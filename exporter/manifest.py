@@ -93,7 +93,7 @@ def variant_entries(artifacts: dict, task: TaskSpec, spec: ExportSpec, staging: 
         thresholds, overridden = effective_gate(task.name, name, spec.tolerances)
         entries[name] = {"file": rel(a.path), "data_files": [rel(d) for d in a.data_files],
                          "dtype": variant_dtype(name, decoder=task.is_decoder, block_size=spec.int4_block_size,
-                                                int4_embedding=spec.int4_embedding),
+                                                int4_embedding=spec.int4_embedding, int8_weights=spec.int8_weights),
                          "thresholds": thresholds, **({"user_tolerances": overridden} if overridden else {})}
     return entries
 

@@ -21,7 +21,7 @@ from .errors import (
 from .family_base import BuildContext
 from .manifest import add_ort_format, copy_base_docs, finish, manifest_head, manifest_tail
 from .onnx_export import MIN_ORT_FOR_OPSET, graph_path
-from .quantize import quantize_all
+from .quantize import INT8_WEIGHTS, quantize_all, retry_unsigned_int8
 from .report import Report
 from .spec import ExportSpec, normalize_modes
 from .stages import Progress, Stages
@@ -68,6 +68,7 @@ def run_pipeline(spec: ExportSpec, progress: Progress | None = None) -> Report:
         raise UserInputError("--no-tokenizer is for encoder tasks; a text-generation bundle needs its tokenizer")
     if "int4" in modes and "int4" not in task.quantize_modes:
         raise UserInputError("--quantize int4 is for text-generation models; use int8 or fp16 for encoders")
+    check_int8_weights(spec.int8_weights, task.is_decoder)
     check_tolerances(task.name, modes, spec.tolerances)
     check_free_space(base, modes, out)
 
@@ -90,6 +91,14 @@ def export_inputs(spec: ExportSpec) -> tuple[Path, ...]:
     if spec.probe_texts:
         items.append(Path(spec.probe_texts))
     return tuple(items)
+
+
+def check_int8_weights(int8_weights: str, decoder: bool) -> None:
+    if int8_weights not in INT8_WEIGHTS:
+        raise UserInputError(f"--int8-weights {int8_weights}: unknown; use one of {', '.join(INT8_WEIGHTS)}")
+    if decoder and int8_weights != "auto":
+        raise UserInputError("--int8-weights is for encoders: a decoder's int8 is weight-only 8-bit (MatMulNBits); "
+                             "drop --int8-weights")
 
 
 def check_tolerances(task: str, modes: tuple[str, ...], overrides: tuple[tuple[str, float], ...]) -> None:
@@ -136,6 +145,7 @@ def _run_swappable(spec: ExportSpec, modes: tuple[str, ...], stages: Stages, out
     task = get_task(next(iter(tasks.values())))
     if "int4" in modes and "int4" not in task.quantize_modes:
         raise UserInputError("--quantize int4 is for text-generation models; use int8 or fp16 for encoders")
+    check_int8_weights(spec.int8_weights, task.is_decoder)
     check_tolerances(task.name, modes, spec.tolerances)
     check_free_space(base, modes, out)
     return staged(out, spec.overwrite,
@@ -229,7 +239,7 @@ def _build(ctx: BuildContext, staging: Path) -> dict[str, Any]:
     # int4 (decoders only) keeps the modules the adapter changed at 8 bits.
     artifacts = quantize_all(stages, fp32, ctx.modes, staging, decoder=task.is_decoder,
                              block_size=spec.int4_block_size, int4_embedding=spec.int4_embedding,
-                             adapter_modules=adapter.changed_modules)
+                             adapter_modules=adapter.changed_modules, int8_weights=spec.int8_weights)
     fam.write_reference(staging, reference, base_out)
     copy_base_docs(base, staging)
     manifest: dict[str, Any] = {
@@ -248,4 +258,17 @@ def _build(ctx: BuildContext, staging: Path) -> dict[str, Any]:
         task_metrics = stages.run("task_eval_onnx", "scoring ONNX variants on the eval rows", _score_variants,
                                   staging, artifacts, eval_set, torch_metrics, spec.task_eval, results,
                                   fam.onnx_logits)
+
+    def rejudge_int8() -> dict[str, Any]:
+        add_ort_format(ctx, artifacts, manifest)
+        again = evaluate_variants(staging, manifest, ["int8"])
+        if eval_set is not None:
+            judged = _score_variants(staging, {"int8": artifacts["int8"]}, eval_set, torch_metrics, spec.task_eval,
+                                     again, fam.onnx_logits)
+            task_metrics["variants"]["int8"] = judged["variants"]["int8"]
+        return again["int8"]
+
+    retried = retry_unsigned_int8(stages, fp32, artifacts, manifest, results, staging, decoder=task.is_decoder,
+                                  int8_weights=spec.int8_weights, rejudge=rejudge_int8)
+    warnings += [retried] if retried else []
     return finish(ctx, manifest, results, warnings, artifacts, task_metrics)

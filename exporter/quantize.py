@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .errors import ExporterError, UnsupportedError
 from .formats import VARIANT_FILES
@@ -11,25 +13,36 @@ from .stages import Stages
 
 QUANTIZE_MODES = ("int8", "fp16", "int4")
 DEFAULT_INT4_BLOCK = 32
+# Encoder int8 weights: auto tries signed7 (the fast kernel) and keeps it where it passes its gate, else
+# unsigned (twice the resolution); the other two force one. Why: see _int8.
+INT8_WEIGHTS = ("auto", "signed7", "unsigned")
+INT8_DTYPES = {"signed7": "int8-dynamic-per-channel-u8s7", "unsigned": "int8-dynamic-per-channel-u8u8"}
+
+
+def first_int8_weights(int8_weights: str) -> str:
+    """The weights an encoder's int8 is quantized with first (auto: signed7, and unsigned if that fails)."""
+    return "signed7" if int8_weights == "auto" else int8_weights
 
 
 def variant_dtype(mode: str, *, decoder: bool, block_size: int = DEFAULT_INT4_BLOCK,
-                  int4_embedding: bool = False) -> str:
+                  int4_embedding: bool = False, int8_weights: str = "auto") -> str:
     """What a variant holds, as recorded in the manifest (``variants.NAME.dtype``)."""
     from .weightonly import INT8_BLOCK
 
     if mode == "int8":
-        return f"int8-weight-only-block{INT8_BLOCK}" if decoder else "int8-dynamic-per-channel-u8u8"
+        return f"int8-weight-only-block{INT8_BLOCK}" if decoder else INT8_DTYPES[first_int8_weights(int8_weights)]
     if mode == "int4":
         return f"int4-weight-only-block{block_size}-min-offset" + ("-int4-embedding" if int4_embedding else "")
     return {"fp32": "float32", "fp16": "float16"}[mode]
 
 
 def quantize(fp32: OnnxArtifact, mode: str, out_dir: Path, *, decoder: bool, block_size: int = DEFAULT_INT4_BLOCK,
-             int4_embedding: bool = False, adapter_modules: tuple[str, ...] = ()) -> OnnxArtifact:
+             int4_embedding: bool = False, adapter_modules: tuple[str, ...] = (),
+             int8_weights: str = "auto") -> OnnxArtifact:
     """One quantized variant of the fp32 graph. Decoders get weight-only int8/int4, encoders dynamic int8.
 
     ``adapter_modules``: names of the modules a merged adapter changed (q_proj, ...); int4 keeps them at 8 bits.
+    ``int8_weights``: one of INT8_WEIGHTS (encoders); auto quantizes with signed7, see retry_unsigned_int8.
     """
     if mode not in QUANTIZE_MODES:
         raise UnsupportedError(f"quantize mode {mode!r} is not supported; use one of: {', '.join(QUANTIZE_MODES)}, none")
@@ -37,7 +50,7 @@ def quantize(fp32: OnnxArtifact, mode: str, out_dir: Path, *, decoder: bool, blo
     external = bool(fp32.data_files)
     try:
         if mode == "int8" and not decoder:
-            _int8(fp32.path, path, external)
+            _int8(fp32.path, path, external, first_int8_weights(int8_weights))
         elif mode in ("int8", "int4"):
             from .weightonly import INT8_BLOCK, WeightOnlySpec, quantize_weights
 
@@ -54,21 +67,22 @@ def quantize(fp32: OnnxArtifact, mode: str, out_dir: Path, *, decoder: bool, blo
     return OnnxArtifact(mode, path, (data,) if data.exists() else (), fp32.opset, fp32.input_names, fp32.output_names)
 
 
-def _int8(src: Path, dst: Path, external: bool) -> None:
-    from .int8 import quantize_dynamic_u8u8
+def _int8(src: Path, dst: Path, external: bool, weights: str) -> None:
+    from .int8 import quantize_dynamic_int8
 
     # Dynamic per-channel int8 for encoders: 2-4x faster than torch eager; full static QDQ gave wrong labels.
-    # Weights are unsigned (U8U8): the default signed weights (U8S8) run on vpmaddubsw on CPUs without VNNI,
-    # whose int16 pair sums saturate (measured on AVX2: a MatMulInteger off by 44% of its value; MiniLM
-    # probabilities off by up to 0.40, tiny token classifiers failing their gate), while VNNI CPUs compute
-    # them exactly, so the same bundle scored differently per CPU. U8U8 kernels are exact on every ISA
-    # (tests/test_quant_numerics.py). Issue 15 measured the way out of the slower kernel: 7-bit signed weights
-    # (reduce_range, |w| <= 64) are exact on the fast U8S8 kernel and ran 0.83x U8U8's latency at b8 s128 on
-    # AVX2, but benchmarks/bench_gates.py's 3-label classifier (LoRA on q/k/v/dense, fitted head) then kept only
-    # 0.93 of its clear-margin argmaxes (gate 0.98): a false reject U8U8 does not have. So U8U8 stays.
-    # The graph and weights are onnxruntime's quantize_dynamic(per_channel=True, weight_type=QUInt8), made in
-    # one vectorised pass (int8.py).
-    counts = quantize_dynamic_u8u8(src, dst, external)
+    # Full-range signed weights (onnxruntime's default U8S8) are not used: on CPUs without VNNI they run on
+    # vpmaddubsw, whose int16 pair sums saturate (measured on AVX2: a MatMulInteger off by 44% of its value,
+    # MiniLM probabilities off by up to 0.40), while VNNI CPUs compute them exactly, so the same bundle scored
+    # differently per CPU. Both formats used here are exact on every ISA (tests/test_quant_numerics.py):
+    # - signed7 (|w| <= 64) runs on the fast u8 x s8 kernels. MiniLM b8 s128, one thread, relative to torch
+    #   eager: 0.50x against unsigned's 1.12x on an AVX-512 AMX Xeon; 0.83x unsigned's latency on AVX2 EPYC.
+    # - unsigned (U8U8) has twice the resolution but runs on the u8 x u8 kernel, no faster than fp32 on the
+    #   Xeon. bench_gates.py's 3-label classifier (LoRA on q/k/v/dense, a fitted head, an adapter int8 barely
+    #   keeps: unsigned keeps 0.66 of its effect) passes with unsigned weights and loses 1 of its 14
+    #   clear-margin argmaxes with signed7, as with full-range int8. So auto keeps signed7 where it passes the
+    #   gate and falls back to unsigned where it does not (retry_unsigned_int8); the gate is not loosened.
+    counts = quantize_dynamic_int8(src, dst, external, weights)
     if not counts["matmul"]:
         raise ExporterError("int8: the graph has no MatMul or Gemm with a constant weight to quantize")
 
@@ -89,12 +103,34 @@ def _fp16(src: Path, dst: Path, external: bool) -> None:
 
 def quantize_all(stages: Stages, fp32: OnnxArtifact, modes: tuple[str, ...], staging: Path, decoder: bool,
                  block_size: int = DEFAULT_INT4_BLOCK, int4_embedding: bool = False,
-                 adapter_modules: tuple[str, ...] = ()) -> dict[str, OnnxArtifact]:
+                 adapter_modules: tuple[str, ...] = (), int8_weights: str = "auto") -> dict[str, OnnxArtifact]:
     """The fp32 artifact and one quantized artifact per mode, as the variants of a bundle."""
     artifacts = {"fp32": fp32}
     for mode in modes:
         artifacts[mode] = stages.run(f"quantize_{mode}", f"quantizing ({mode})",
                                      lambda m=mode: quantize(fp32, m, staging, decoder=decoder, block_size=block_size,
                                                              int4_embedding=int4_embedding,
-                                                             adapter_modules=adapter_modules))
+                                                             adapter_modules=adapter_modules,
+                                                             int8_weights=int8_weights))
     return artifacts
+
+
+def retry_unsigned_int8(stages: Stages, fp32: OnnxArtifact, artifacts: dict[str, OnnxArtifact],
+                        manifest: dict[str, Any], results: dict[str, dict[str, Any]], staging: Path, *,
+                        decoder: bool, int8_weights: str,
+                        rejudge: Callable[[], dict[str, Any]]) -> str | None:
+    """auto: an encoder int8 with signed7 weights that failed its gate is quantized again with unsigned
+    weights, recorded in the manifest, and judged again by ``rejudge`` (its new result). Returns the warning
+    that says so, or None where nothing was retried."""
+    if decoder or int8_weights != "auto" or "int8" not in artifacts or results["int8"]["passed"]:
+        return None
+    first = "; ".join(results["int8"]["failures"])[:400]
+    artifacts["int8"] = stages.run("quantize_int8_unsigned", "int8 with 7-bit signed weights failed its gate; "
+                                   "quantizing again with unsigned weights",
+                                   lambda: quantize(fp32, "int8", staging, decoder=False, int8_weights="unsigned"))
+    manifest["variants"]["int8"]["dtype"] = INT8_DTYPES["unsigned"]
+    results["int8"] = rejudge()
+    outcome = "it passed" if results["int8"]["passed"] else "it failed too"
+    return (f"int8: 7-bit signed weights (the fast kernel) failed the gate ({first}); re-quantized with unsigned "
+            f"weights and {outcome}. Unsigned int8 runs up to 2x slower on VNNI/AMX CPUs; --int8-weights "
+            "signed7 forces the fast format")

@@ -34,6 +34,8 @@ class ExportSpec:
     include_adapter: bool = False
     int4_block_size: int = 32
     int4_embedding: bool = False
+    # Encoder int8 weights (quantize.INT8_WEIGHTS): auto = signed7 where it passes its gate, else unsigned.
+    int8_weights: str = "auto"
     no_tokenizer: bool = False  # export a base that ships no tokenizer; probes are synthetic token ids
     ort_format: bool = False  # every variant also as an .ort file (ort_format.py), verified like the .onnx
     ort_fusions: bool = True  # encoders: onnxruntime's transformer fusions on the fp32 graph (fusions.py)

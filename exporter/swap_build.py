@@ -178,7 +178,7 @@ def build_swappable(ctx: BuildContext, adapters: list[tuple[str, Any]]) -> Repor
     from .manifest import add_ort_format, copy_base_docs, finish, manifest_head, manifest_tail
     from .merge import full_tensor_names, load_base_model, resolve_labels
     from .onnx_export import graph_path
-    from .quantize import quantize_all
+    from .quantize import quantize_all, retry_unsigned_int8
     from .swap_export import add_defaults, base_defaults, inject
     from .tokenizer_files import save_tokenizer
     from .verify import evaluate_variants
@@ -243,7 +243,8 @@ def build_swappable(ctx: BuildContext, adapters: list[tuple[str, Any]]) -> Repor
     # Quantize while the adapter inputs have no initializers: the quantizers would otherwise treat the zero
     # defaults as weights and quantize the LoRA MatMuls; adapters stay float32 on every variant.
     artifacts = quantize_all(stages, fp32, ctx.modes, staging, decoder=task.is_decoder,
-                             block_size=spec.int4_block_size, int4_embedding=spec.int4_embedding)
+                             block_size=spec.int4_block_size, int4_embedding=spec.int4_embedding,
+                             int8_weights=spec.int8_weights)
     for art in artifacts.values():
         add_defaults(art, defaults)
     graph_sha = sha256_file(fp32.path)
@@ -281,4 +282,14 @@ def build_swappable(ctx: BuildContext, adapters: list[tuple[str, Any]]) -> Repor
     manifest["files"] = file_hashes(staging)  # the adapter files are checked against these before loading
     results = stages.run("verify", "checking parity with onnxruntime (base, each adapter, switching)",
                          lambda: evaluate_variants(staging, manifest, list(artifacts)))
+
+    def rejudge_int8() -> dict[str, Any]:
+        # The fp32 graph has its defaults now; the quantizer leaves initializers that are graph inputs float.
+        add_defaults(artifacts["int8"], defaults)
+        manifest["files"] = file_hashes(staging)
+        return evaluate_variants(staging, manifest, ["int8"])["int8"]
+
+    retried = retry_unsigned_int8(stages, fp32, artifacts, manifest, results, staging, decoder=task.is_decoder,
+                                  int8_weights=spec.int8_weights, rejudge=rejudge_int8)
+    warnings += [retried] if retried else []
     return finish(ctx, manifest, results, warnings, artifacts, None, extra={"adapters": adapters_summary(manifest)})

@@ -152,3 +152,8 @@ def test_base_without_tokenizer(factory, tmp_path):
             f.unlink()
     r = run_export(factory.adapter("bert", "text-classification"), tmp_path / "out", "--base", str(base))
     assert_clean_failure(r, tmp_path / "out", "tokenizer")
+
+
+def test_int8_weights_on_a_decoder_is_refused(factory, tmp_path):
+    r = run_export(factory.decoder_adapter("llama"), tmp_path / "out", "--int8-weights", "signed7")
+    assert_clean_failure(r, tmp_path / "out", "--int8-weights is for encoders", "drop --int8-weights")

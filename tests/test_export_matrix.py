@@ -168,16 +168,60 @@ def test_adapter_with_extra_modules_to_save_and_overlapping_target(factory, tmp_
     np.testing.assert_allclose(bundle.run(feeds)["logits"], ref, atol=1e-4, rtol=1e-3)
 
 
-def test_the_encoder_int8_variant_uses_unsigned_weights(factory):
-    """tests/test_quant_numerics.py: u8 x u8 MatMulInteger is exact on every ISA; signed 8-bit weights are not."""
+def _int8_weights(out):
     import onnx
     from onnx import numpy_helper
 
-    out, _ = factory.bundle("bert", "text-classification")
     model = onnx.load(str(out / "onnx" / "model_quantized.onnx"))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    weights = [inits[n.input[1]] for n in model.graph.node if n.op_type == "MatMulInteger" and n.input[1] in inits]
-    assert len(weights) >= 4 and all(w.dtype == np.uint8 for w in weights)
+    return [inits[n.input[1]] for n in model.graph.node if n.op_type == "MatMulInteger" and n.input[1] in inits]
+
+
+@pytest.mark.parametrize("arch,task", CASES)
+def test_the_encoder_int8_weights_are_the_format_the_manifest_records(factory, arch, task):
+    """Both formats are exact on every ISA (tests/test_quant_numerics.py): int8 within +-64 (signed7) or uint8;
+    auto falls back to unsigned only after signed7 failed its gate, and the report says so."""
+    out, report = factory.bundle(arch, task)
+    dtype = json.loads((out / MANIFEST).read_text())["variants"]["int8"]["dtype"]
+    weights = _int8_weights(out)
+    fell_back = [w for w in report.data["warnings"] if "7-bit signed weights (the fast kernel) failed" in w]
+    assert len(weights) >= 4
+    if dtype == "int8-dynamic-per-channel-u8s7":
+        assert all(w.dtype == np.int8 and np.abs(w.astype(np.int32)).max() <= 64 for w in weights)
+        assert not fell_back
+    else:
+        assert dtype == "int8-dynamic-per-channel-u8u8" and all(w.dtype == np.uint8 for w in weights)
+        assert len(fell_back) == 1
+
+
+def test_int8_auto_falls_back_to_unsigned_weights_where_signed7_fails_the_gate(factory, tmp_path):
+    """A user's int8 tolerance between what the two formats reach: auto keeps the one that passes and says so;
+    forcing signed7 fails the gate instead."""
+    from exporter.errors import ParityError
+    from exporter.pipeline import ExportSpec, run_pipeline
+
+    adapter = factory.adapter("bert", "text-classification")
+
+    def export(name, weights, tolerances=()):
+        return run_pipeline(ExportSpec(adapter=adapter, out=tmp_path / name, quantize=("int8",), int8_weights=weights,
+                                       tolerances=tolerances))
+
+    def kl(report):
+        return report.data["variants"]["int8"]["outputs"]["logits"]["mean_kl"]
+
+    s7, unsigned = export("s7", "signed7"), export("u", "unsigned")
+    assert kl(s7) > 1.5 * kl(unsigned) > 0  # half the weight resolution: visibly more error
+    between = (("int8.max_mean_kl", float(np.sqrt(kl(s7) * kl(unsigned)))),)
+    report = export("auto", "auto", between)
+    assert report.passed
+    manifest = json.loads((tmp_path / "auto" / MANIFEST).read_text())
+    assert manifest["variants"]["int8"]["dtype"] == "int8-dynamic-per-channel-u8u8"
+    assert all(w.dtype == np.uint8 for w in _int8_weights(tmp_path / "auto"))
+    assert [w for w in report.data["warnings"] if "failed the gate (logits: mean KL" in w and "it passed" in w]
+    assert verify_bundle(tmp_path / "auto")["passed"]
+    with pytest.raises(ParityError, match="mean KL"):
+        export("forced", "signed7", between)
+    assert not (tmp_path / "forced").exists()
 
 
 def test_no_ort_fusions_keeps_standard_onnx_operators(factory, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from exporter.errors import ExporterError
-from exporter.int8 import quantize_dynamic_u8u8, quantize_u8
+from exporter.int8 import S7, quantize_dynamic_int8, quantize_s7, quantize_u8
 
 
 def _ort_quantize(src, dst):
@@ -26,11 +26,11 @@ def _inits(path):
 
 
 def test_int8_graph_and_weights_are_onnxruntimes(factory, tmp_path):
-    """Same operators, the same bytes in every initializer, the same outputs as quantize_dynamic's graph."""
+    """Unsigned weights: same operators, the same bytes in every initializer, the same outputs as quantize_dynamic's graph."""
     out, _ = factory.bundle("bert", "text-classification")
     src = out / "onnx/model.onnx"
     ours, theirs = tmp_path / "ours.onnx", tmp_path / "theirs.onnx"
-    counts = quantize_dynamic_u8u8(src, ours, external=False)
+    counts = quantize_dynamic_int8(src, ours, external=False, weights="unsigned")
     _ort_quantize(src, theirs)
 
     a, b = onnx.load(str(ours)), onnx.load(str(theirs))
@@ -107,7 +107,7 @@ def test_int8_quantizes_constant_weights_once_and_leaves_the_rest(tmp_path):
     outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("m1", "m2", "hh", "g1", "g2")]
     src = _graph(nodes, {"w": w, "gw": gw, "bias": bias, "table": table}, inputs, outputs, tmp_path)
     dst = tmp_path / "q.onnx"
-    assert quantize_dynamic_u8u8(src, dst, external=False) == {"matmul": 3, "gather": 1}
+    assert quantize_dynamic_int8(src, dst, external=False, weights="unsigned") == {"matmul": 3, "gather": 1}
 
     model = onnx.load(str(dst))
     ops = Counter(n.op_type for n in model.graph.node)
@@ -132,5 +132,86 @@ def test_int8_refuses_a_graph_that_already_uses_its_names(tmp_path):
     src = _graph(nodes, {"w": w}, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
                  [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], tmp_path)
     with pytest.raises(ExporterError, match="'x_quantized' twice"):
-        quantize_dynamic_u8u8(src, tmp_path / "q.onnx", external=False)
+        quantize_dynamic_int8(src, tmp_path / "q.onnx", external=False)
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_signed7_matmuls_are_onnxruntimes_reduce_range_int8_and_tables_stay_unsigned(factory, tmp_path):
+    """signed7: every MatMul weight is the bytes of quantize_dynamic(per_channel, QInt8, reduce_range), within
+    +-64 with zero point 0; embedding tables are the unsigned variant's; outputs match onnxruntime's graph."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out, _ = factory.bundle("bert", "text-classification")
+    src = out / "onnx/model.onnx"
+    ours, theirs, unsigned = tmp_path / "ours.onnx", tmp_path / "theirs.onnx", tmp_path / "u.onnx"
+    counts = quantize_dynamic_int8(src, ours, external=False, weights="signed7")
+    quantize_dynamic_int8(src, unsigned, external=False, weights="unsigned")
+    quantize_dynamic(str(src), str(theirs), per_channel=True, weight_type=QuantType.QInt8, reduce_range=True,
+                     op_types_to_quantize=["MatMul", "Gemm"], extra_options={"DefaultTensorType": TensorProto.FLOAT})
+    mine, oracle, u = _inits(ours), _inits(theirs), _inits(unsigned)
+    model = onnx.load(str(ours))
+    matmul_weights = [n.input[1] for n in model.graph.node if n.op_type == "MatMulInteger"]
+    assert len(matmul_weights) == counts["matmul"] >= 4
+    for name in matmul_weights:
+        q = mine[name]
+        assert q.dtype == np.int8 and np.abs(q.astype(np.int32)).max() <= S7, name
+        assert np.array_equal(q, oracle[name]), name
+        for suffix in ("_scale", "_zero_point"):
+            key = name.removesuffix("_quantized") + suffix
+            assert mine[key].dtype == oracle[key].dtype and np.array_equal(mine[key], oracle[key]), key
+    tables = [n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in mine]
+    assert tables and all(mine[t].dtype == np.uint8 and np.array_equal(mine[t], u[t]) for t in tables)
+
+    feeds = dict(np.load(out / "reference/inputs.npz"))
+    p = sorted({k.split(".", 1)[0] for k in feeds})[0]
+    f = {k.split(".", 1)[1]: v for k, v in feeds.items() if k.startswith(p + ".")}
+    s_ours = ort.InferenceSession(str(ours))
+    # onnxruntime's graph quantized no table (MatMul/Gemm only): the same up to the tables' int8 error.
+    for x, y in zip(s_ours.run(None, f), ort.InferenceSession(str(theirs)).run(None, f)):
+        np.testing.assert_allclose(x, y, rtol=0, atol=0.05 * float(np.abs(y).max()))
+
+
+def test_quantize_s7_matches_onnxruntime_column_by_column():
+    from onnxruntime.quantization.quant_utils import (
+        compute_scale_zp,
+        get_qmin_qmax_for_qType,
+        quantize_nparray,
+    )
+
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((64, 5)).astype(np.float32)
+    w[:, 0] = 0.0  # constant zero: scale 1
+    w[:, 1] = np.abs(w[:, 1])  # positive only
+    w[:, 2] = -np.abs(w[:, 2]) * 1e-3  # negative only, small
+    q = quantize_s7(w)
+    qmin, qmax = get_qmin_qmax_for_qType(TensorProto.INT8, reduce_range=True, symmetric=True)
+    assert (int(qmin), int(qmax)) == (-S7, S7)
+    assert q.scale[0] == 1.0 and not q.data[:, 0].any() and q.zero_point.dtype == np.int8 and not q.zero_point.any()
+    for c in range(w.shape[1]):
+        col = w[:, c]
+        zp, scale = compute_scale_zp(np.array(col.min()), np.array(col.max()), qmin, qmax, symmetric=True)
+        assert np.float32(scale) == q.scale[c] and int(zp) == 0
+        assert np.array_equal(quantize_nparray(TensorProto.INT8, col, np.float32(scale), zp, low=qmin, high=qmax),
+                              q.data[:, c])
+    back = q.data.astype(np.float32) * q.scale
+    assert np.all(np.abs(back - w) <= q.scale / 2 * (1 + 1e-5))
+
+
+def test_int8_leaves_initializers_that_are_graph_inputs_float(tmp_path):
+    """A swappable graph's adapter inputs have default initializers: overridable, so never quantized."""
+    rng = np.random.default_rng(3)
+    w, lora = rng.standard_normal((8, 4)).astype(np.float32), np.zeros((8, 4), np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"]), helper.make_node("MatMul", ["x", "lora"], ["b"]),
+             helper.make_node("Add", ["a", "b"], ["y"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8]),
+              helper.make_tensor_value_info("lora", TensorProto.FLOAT, [8, 4])]
+    src = _graph(nodes, {"w": w, "lora": lora}, inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                 tmp_path)
+    dst = tmp_path / "q.onnx"
+    assert quantize_dynamic_int8(src, dst, external=False)["matmul"] == 1
+    model = onnx.load(str(dst))
+    assert [n.input[1] for n in model.graph.node if n.op_type == "MatMul"] == ["lora"]
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    extra = rng.standard_normal((8, 4)).astype(np.float32)
+    got = ort.InferenceSession(str(dst)).run(None, {"x": x, "lora": extra})[0]
+    np.testing.assert_allclose(got, x @ w + x @ extra, atol=0.05 * float(np.abs(x @ w).max()))
