@@ -166,9 +166,14 @@ def genai_python() -> Path:
 @pytest.fixture(scope="session")
 def optimum_python() -> Path:
     """optimum's ORTModel classes in a side venv with transformers 4.57 (torch pinned to the local CPU wheel)."""
-    return _side_venv("optimum-venv", "import optimum.onnxruntime, transformers; "
-                      "assert transformers.__version__.startswith('4.57')",
-                      ["torch==2.13.0", "transformers==4.57.*", "optimum-onnx==0.1.0"])
+    # optimum-onnx needs its [onnxruntime] extra, and optimum.onnxruntime imports lazily: the probe loads the
+    # class the tests use, so a venv without onnxruntime (seen on a clean cache) is rebuilt, not reused.
+    import onnxruntime
+
+    return _side_venv("optimum-venv", "from optimum.onnxruntime import ORTModelForSequenceClassification; "
+                      "import transformers; assert transformers.__version__.startswith('4.57')",
+                      ["torch==2.13.0", "transformers==4.57.*", "optimum-onnx[onnxruntime]==0.1.0",
+                       f"onnxruntime=={onnxruntime.__version__}"])
 
 
 @pytest.fixture(scope="session")
