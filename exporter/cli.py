@@ -254,11 +254,11 @@ def add_adapter_cmd(bundle: Path, adapter: str, base: str | None, allow_pickle: 
 
 
 def _overrides(epochs: float | None, max_steps: int | None, learning_rate: float | None, batch_size: int | None,
-               seed: int | None, quantize: tuple[str, ...] = ()) -> dict[str, Any]:
+               seed: int | None, quantize: tuple[str, ...] = (), int8_weights: str | None = None) -> dict[str, Any]:
     """CLI flags that override recipe values, as dotted recipe keys."""
     pairs = {"training.epochs": epochs, "training.max_steps": max_steps, "training.learning_rate": learning_rate,
              "training.batch_size": batch_size, "training.seed": seed,
-             "export.quantize": list(quantize) if quantize else None}
+             "export.quantize": list(quantize) if quantize else None, "export.int8_weights": int8_weights}
     return {k: v for k, v in pairs.items() if v is not None}
 
 
@@ -339,6 +339,8 @@ def finetune(recipe_file: Path, out: Path, epochs, max_steps, learning_rate, bat
 @_training_options
 @click.option("--quantize", "quantize", multiple=True, type=click.Choice([*QUANTIZE_MODES, "none"]),
               help="Override export.quantize; repeatable (int4: text-generation recipes).")
+@click.option("--int8-weights", type=click.Choice(INT8_WEIGHTS), default=None,
+              help="Override export.int8_weights (encoders): auto, signed7 or unsigned; see export --help.")
 @click.option("--tolerance", "tolerances", multiple=True, callback=lambda c, p, v: _parse_tolerances(v),
               metavar="[VARIANT.]NAME=VALUE",
               help="Override one parity threshold (adds to or replaces the recipe's tolerances.gates); repeatable.")
@@ -346,8 +348,8 @@ def finetune(recipe_file: Path, out: Path, epochs, max_steps, learning_rate, bat
 @click.option("--json", "as_json", is_flag=True, help="Print the Report (same object as parity.json) on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def run(recipe_file: Path, out: Path, epochs, max_steps, learning_rate, batch_size, seed, work_dir, resume,
-        quantize: tuple[str, ...], tolerances: tuple[tuple[str, float], ...], overwrite: bool, as_json: bool,
-        quiet: bool) -> None:
+        quantize: tuple[str, ...], int8_weights: str | None, tolerances: tuple[tuple[str, float], ...],
+        overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Fine-tune, merge, export, quantize and verify in one go: a recipe to a verified bundle.
 
     The report adds task-level parity: the task metric (accuracy, entity F1; for text-generation the token
@@ -358,7 +360,7 @@ def run(recipe_file: Path, out: Path, epochs, max_steps, learning_rate, batch_si
     from .recipes import load_recipe
     from .run import run_recipe
 
-    r = load_recipe(recipe_file, _overrides(epochs, max_steps, learning_rate, batch_size, seed, quantize))
+    r = load_recipe(recipe_file, _overrides(epochs, max_steps, learning_rate, batch_size, seed, quantize, int8_weights))
     if tolerances:
         gates = {**r.tolerances.gates, **dict(tolerances)}
         r = r.model_copy(update={"tolerances": r.tolerances.model_copy(update={"gates": gates})})

@@ -65,6 +65,9 @@ class TrainingSpec(_Strict):
 class ExportSettings(_Strict):
     opset: int = 20
     quantize: list[QuantizeMode] = Field(default_factory=lambda: ["int8"])
+    int8_weights: Literal["auto", "signed7", "unsigned"] = Field(
+        "auto", description="Encoder int8 weights: signed7 (7-bit, the fast u8 x s8 kernels), unsigned (8-bit with a "
+        "zero point, twice the resolution), or auto: signed7 where it passes its gate, else unsigned.")
 
 
 class Tolerances(_Strict):

@@ -9,7 +9,7 @@ from pathlib import Path
 from .bundle import check_out
 from .errors import require_full
 from .finetune import finetune, load_task_data
-from .pipeline import check_tolerances, run_pipeline
+from .pipeline import check_int8_weights, check_tolerances, run_pipeline
 from .recipes import effective_yaml
 from .report import Report
 from .spec import ExportSpec, normalize_modes
@@ -29,6 +29,7 @@ def run_recipe(recipe, out: Path, *, overwrite: bool = False, quiet: bool = Fals
     check_out(out, overwrite, tuple(inputs))
     # Before minutes of fine-tuning: a misspelt threshold fails now.
     check_tolerances(recipe.task, normalize_modes(tuple(recipe.export.quantize)), tuple(recipe.tolerances.gates.items()))
+    check_int8_weights(recipe.export.int8_weights, is_decoder_task(recipe.task))
     adapter_dir = out.parent / f".{out.name}.adapter"
     stages = Stages(progress)
     trained = stages.run("finetune", f"fine-tuning LoRA on {recipe.base}", finetune, recipe, adapter_dir,
@@ -44,7 +45,7 @@ def run_recipe(recipe, out: Path, *, overwrite: bool = False, quiet: bool = Fals
     spec = ExportSpec(
         adapter=adapter_dir, out=out, base=recipe.base, revision=recipe.revision, task=recipe.task,
         labels=tuple(data.labels) if data.labels else None, quantize=tuple(recipe.export.quantize),
-        opset=recipe.export.opset, overwrite=overwrite, trust_remote_code=recipe.trust_remote_code,
+        opset=recipe.export.opset, int8_weights=recipe.export.int8_weights, overwrite=overwrite, trust_remote_code=recipe.trust_remote_code,
         task_eval=task_eval, recipe_yaml=effective_yaml(recipe), include_adapter=True,
         tolerances=tuple(recipe.tolerances.gates.items()),
         training={"seconds": stages.timings["finetune"],

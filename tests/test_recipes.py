@@ -114,3 +114,17 @@ def test_cli_check_and_schema(recipe_dir):
     schema = json.loads(r.stdout)
     assert r.exit_code == 0 and schema == Recipe.model_json_schema()
     assert schema["additionalProperties"] is False
+
+
+def test_int8_weights_from_the_recipe_and_the_run_flag(recipe_dir, tmp_path):
+    p = write(recipe_dir, GOOD + "export:\n  int8_weights: unsigned\n")
+    assert load_recipe(p).export.int8_weights == "unsigned"
+    assert load_recipe(write(recipe_dir, GOOD)).export.int8_weights == "auto"
+    assert load_recipe(p, {"export.int8_weights": "signed7"}).export.int8_weights == "signed7"
+    with pytest.raises(UserInputError, match="int8_weights"):
+        load_recipe(write(recipe_dir, GOOD + "export:\n  int8_weights: signed8\n"))
+    # A decoder recipe is refused before any fine-tuning: its int8 is weight-only.
+    r = CliRunner().invoke(cli, ["run", str(ROOT / "recipes" / "smollm2-sft.yaml"), "-o", str(tmp_path / "out"),
+                                 "--int8-weights", "signed7"])
+    assert r.exit_code == 1 and "--int8-weights is for encoders" in r.stderr and "Traceback" not in r.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.adapter").exists()
