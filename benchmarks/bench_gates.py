@@ -80,6 +80,7 @@ class Row:
     task: dict | None = None
     gates: list[str] = field(default_factory=list)
     harmless: bool = False  # a bad variant whose task metric shows no real drop
+    dtype: str = ""  # the variant's manifest dtype (good rows): which int8 format --int8-weights auto kept
 
 
 def slug(name: str) -> str:
@@ -363,8 +364,9 @@ def print_table(rows: list[Row], torch_metrics: dict[str, str]) -> int:
             task = f"torch {torch_metrics[r.case]} -> {task}"
         elif task and "torch" in r.task:
             task = f"good fp32 {r.task['torch']:.4f} -> {task}"
+        fmt = f" [{r.dtype.removeprefix('int8-dynamic-per-channel-')}]" if r.dtype.startswith("int8-dynamic") else ""
         print(f"{r.case:38} {r.variant:7} {'good' if r.good else 'bad':4} {verdict:8} {', '.join(r.gates) or '-':34} "
-              f"{summary_metrics(r.metrics)}{' | ' + task if task else ''}{flag}")
+              f"{summary_metrics(r.metrics)}{fmt}{' | ' + task if task else ''}{flag}")
     gates = sorted({g for r in rows for g in r.gates} | set(GATES.values()) - {"finite"})
     print(f"\n{'gate':26} {'good refused (false rejects)':>30} {'bad caught':>11}")
     for g in gates:
@@ -373,6 +375,9 @@ def print_table(rows: list[Row], torch_metrics: dict[str, str]) -> int:
         print(f"{g:26} {fr:>30} {caught:>11}")
     good = [r for r in rows if r.good]
     bad = [r for r in rows if not r.good]
+    formats = [r.dtype.removeprefix("int8-dynamic-per-channel-") for r in good if r.dtype.startswith("int8-dynamic")]
+    if formats:  # --int8-weights auto: u8s7 where it passed its gate, u8u8 where it did not
+        print("\nencoder int8 formats kept: " + ", ".join(f"{f} {formats.count(f)}" for f in sorted(set(formats))))
     print(f"\ngood variants: {len(good)}, false rejects: {sum(not r.passed for r in good)}")
     harmless = sum(r.passed and r.harmless for r in bad)
     false_accepts = sum(r.passed and not r.harmless for r in bad)
@@ -405,7 +410,11 @@ def main() -> None:
         root, report = export(adapter, work / slug(name), task, modes, labels, eval_spec, base, args.reuse)
         verdict = judge_bundle(root)  # the bench owns the bundle: its manifest takes this checkout's gates
         tm = report.get("task_metrics")
-        rows.extend(rows_from_report(name, {**verdict, "task_metrics": tm}, True))
+        new = rows_from_report(name, {**verdict, "task_metrics": tm}, True)
+        variants = json.loads((root / "manifest.json").read_text(encoding="utf-8"))["variants"]
+        for row in new:
+            row.dtype = variants[row.variant]["dtype"]
+        rows.extend(new)
         if tm:
             torch_metrics[name] = f"{tm['torch']:.4f}"
         return root, report
