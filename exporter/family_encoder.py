@@ -24,10 +24,12 @@ class EncoderBuild(FamilyBuild):
 
     family = "encoder"
 
-    def __init__(self, task: TaskSpec, pooling: dict | None = None, ort_fusion: str | None = None) -> None:
+    def __init__(self, task: TaskSpec, pooling: dict | None = None, ort_fusion: str | None = None,
+                 decompose_ln: bool = False) -> None:
         super().__init__(task)
         self.pooling = pooling
         self.ort_fusion = ort_fusion
+        self.decompose_ln = decompose_ln
         self.infos = [OutputInfo(o.name, "sequence" in o.axes, o.is_logits) for o in task.outputs]
         self.output_names = tuple(i.name for i in self.infos)
         self.texts = None  # probes.ProbeTexts (None: synthetic ids)
@@ -37,7 +39,7 @@ class EncoderBuild(FamilyBuild):
     @classmethod
     def for_export(cls, ctx: BuildContext) -> EncoderBuild:
         return cls(ctx.task, pooling_config(ctx.base) if ctx.task.name == "feature-extraction" else None,
-                   ctx.arch.ort_fusion if ctx.spec.ort_fusions else None)
+                   ctx.arch.ort_fusion if ctx.spec.ort_fusions else None, decompose_ln=ctx.spec.ort_fusions)
 
     @classmethod
     def from_bundle(cls, task: TaskSpec, manifest: dict[str, Any], probes: dict, inputs: Arrays) -> EncoderBuild:
@@ -131,6 +133,10 @@ class EncoderBuild(FamilyBuild):
             from .fusions import fuse_transformer
 
             fuse_transformer(art.path, self.ort_fusion)
+        if self.decompose_ln and not art.data_files:
+            from .fusions import decompose_layer_norms
+
+            decompose_layer_norms(art.path)
         return art
 
     def export_swappable(self, model, interface, path: Path, opset: int):
@@ -142,8 +148,13 @@ class EncoderBuild(FamilyBuild):
         wrapper = make_swappable(self.wrap(model), len(self.names), interface)
         example = example_feeds(self.feeds[-1])
         batch, seq = torch.export.Dim(BATCH_AXIS), torch.export.Dim("sequence")
-        return export_swappable(wrapper, model, interface, [torch.from_numpy(a) for a in example.values()],
-                                [{0: batch, 1: seq} for _ in self.names], self.names, self.output_names, path, opset)
+        art = export_swappable(wrapper, model, interface, [torch.from_numpy(a) for a in example.values()],
+                               [{0: batch, 1: seq} for _ in self.names], self.names, self.output_names, path, opset)
+        if self.decompose_ln and not art.data_files:
+            from .fusions import decompose_layer_norms
+
+            decompose_layer_norms(art.path)
+        return art
 
     def describe(self, model, tok) -> None:
         """What the manifest needs from the model, read before it is freed (nothing, for encoders)."""

@@ -265,7 +265,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
         "min_onnxruntime": {"type": "string"},
         "onnxruntime_fusions": {"type": "boolean",
                                 "description": "true when the fp32 graph (and so every variant) uses onnxruntime's fused contrib ops "
-                                "(com.microsoft: SkipLayerNormalization, BiasGelu...): they need onnxruntime"},
+                                "(com.microsoft: BiasGelu...): they need onnxruntime"},
         "inputs": {"type": "array", "items": {
             "type": "object", "required": ["name", "dtype", "axes"],
             "properties": {"name": {"type": "string"}, "dtype": {"type": "string"},
