@@ -132,8 +132,8 @@ class EncoderBuild(FamilyBuild):
         if self.ort_fusion and not art.data_files:
             from .fusions import fuse_transformer
 
-            fuse_transformer(art.path, self.ort_fusion)
-        if self.decompose_ln and not art.data_files:
+            fuse_transformer(art.path, self.ort_fusion, decompose=self.decompose_ln)
+        elif self.decompose_ln and not art.data_files:
             from .fusions import decompose_layer_norms
 
             decompose_layer_norms(art.path)

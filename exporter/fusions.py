@@ -34,9 +34,10 @@ MS_DOMAIN = "com.microsoft"
 DECOMPOSED_LN_TAG = "/ln_decomposed/"
 
 
-def fuse_transformer(path: Path, model_type: str) -> dict[str, int]:
+def fuse_transformer(path: Path, model_type: str, decompose: bool = False) -> dict[str, int]:
     """Rewrite the graph at ``path`` in place with onnxruntime's fusions for ``model_type`` (its optimizer's
-    name: "bert" also matches RoBERTa/DistilBERT layers); the fused op counts (empty: nothing matched)."""
+    name: "bert" also matches RoBERTa/DistilBERT layers), then, with ``decompose``, its layer norms as
+    primitive ops (one save for both); the contrib op counts left (empty: nothing matched)."""
     import onnx
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -55,11 +56,12 @@ def fuse_transformer(path: Path, model_type: str) -> dict[str, int]:
     finally:
         for lg, level in zip(quiet, levels):
             lg.setLevel(level)
+    decomposed = _decompose(optimized.model) if decompose else 0
     fused: dict[str, int] = {}
     for node in optimized.model.graph.node:
         if node.domain == MS_DOMAIN:
             fused[node.op_type] = fused.get(node.op_type, 0) + 1
-    if fused:
+    if fused or decomposed:
         # save_model_to_file adds the com.microsoft opset import the fused nodes need.
         optimized.save_model_to_file(str(path), use_external_data_format=False)
         onnx.checker.check_model(str(path))
@@ -76,9 +78,19 @@ def decompose_layer_norms(path: Path) -> int:
     """Rewrite, in place, every LayerNormalization (last axis) and SkipLayerNormalization of the graph at
     ``path`` as primitive ops; the number rewritten. A node whose mean or inverse-std outputs are used is kept."""
     import onnx
-    from onnx import helper, numpy_helper
 
     model = onnx.load(str(path))
+    count = _decompose(model)
+    if count:
+        onnx.save(model, str(path))
+        onnx.checker.check_model(str(path))
+    return count
+
+
+def _decompose(model) -> int:
+    """decompose_layer_norms on a loaded ModelProto, in memory."""
+    from onnx import helper, numpy_helper
+
     g = model.graph
     used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -157,8 +169,6 @@ def decompose_layer_norms(path: Path) -> int:
             keep = [o for o in model.opset_import if o.domain != MS_DOMAIN]
             del model.opset_import[:]
             model.opset_import.extend(keep)
-        onnx.save(model, str(path))
-        onnx.checker.check_model(str(path))
     return count
 
 
