@@ -25,7 +25,14 @@ import numpy as np
 from .bundle import read_manifest
 from .cpu import cpu_features
 from .errors import BundleError, UsageError, UserInputError
-from .runtime import activate_adapter, bundle_tokenizer, check_members, graph_file, make_session
+from .runtime import (
+    activate_adapter,
+    bundle_session_config,
+    bundle_tokenizer,
+    check_members,
+    graph_file,
+    make_session,
+)
 from .tasks import family_of
 
 DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((1, 16), (1, 128), (8, 128))
@@ -132,7 +139,7 @@ def _load(root: Path, manifest: dict[str, Any], variant: str, spec: BenchSpec, c
           vocab: int) -> _Loaded:
     entry = manifest["variants"][variant]
     session = make_session(root / graph_file(root, entry, spec.ort_format), threads=spec.threads,
-                           config=dict(spec.session_config))
+                           config=bundle_session_config(manifest, dict(spec.session_config)))
     return _Loaded(session, {c.name: make_feeds(session, c, vocab) for c in cases})
 
 
@@ -236,6 +243,7 @@ def run_bench(spec: BenchSpec, progress: Callable[[str], None] = lambda _: None)
 
     return {"bundle": str(root), "task": manifest["task"], "family": family_of(manifest).name,
             "cpu": cpu_features(), "onnxruntime": ort.__version__, "cores": os.cpu_count(),
-            "threads": spec.threads, "session_config": dict(spec.session_config), "adapter": spec.adapter,
+            "threads": spec.threads, "session_config": bundle_session_config(manifest, dict(spec.session_config)),
+            "adapter": spec.adapter,
             "ort_format": spec.ort_format, "rounds": spec.rounds, "warmup": spec.warmup, "inputs": "synthetic",
             "variants": info, "cases": rows}

@@ -36,9 +36,11 @@ from .errors import (  # the exit codes are imported for docs/exit-codes.md's te
     RECIPE_MODULES,
     ExporterError,
     ParityError,
+    UserInputError,
     describe_os_error,
     require_full,
 )
+from .formats import SESSION_CONFIG_VALUES, check_session_config
 from .onnx_export import DEFAULT_OPSET
 from .probes import DEFAULT_MAX_LENGTH
 from .quantize import DEFAULT_INT4_BLOCK, INT8_WEIGHTS, QUANTIZE_MODES
@@ -159,13 +161,18 @@ def cli() -> None:
               help="Sign the bundle with this Ed25519 private key (export-adapter keygen): writes manifest.json.sig, "
                    "which verify --trusted-key checks. An encrypted key reads its password from "
                    "EXPORT_ADAPTER_SIGNING_PASSWORD.")
+@click.option("--session-config", "session_config", multiple=True, metavar="KEY=VALUE",
+              callback=lambda c, p, v: _parse_session_config(v),
+              help="An onnxruntime session config entry the bundle carries, repeatable: parity runs with it, and "
+                   "infer, generate, verify and bench use it. Allowed: " + ", ".join(
+                       f"{k} ({'/'.join(v)})" for k, v in SESSION_CONFIG_VALUES.items()) + ".")
 @click.option("--json", "as_json", is_flag=True, help="Print the Report (same object as parity.json) on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def export(adapters: tuple[str, ...], keep_adapters: bool, base: str | None, revision: str | None, out: Path, task: str | None, labels: str | None,
            quantize: tuple[str, ...], int8_weights: str, int4_block_size: str, int4_embedding: bool, opset: int, max_length: int, overwrite: bool, allow_pickle: bool,
            trust_remote_code: bool, no_tokenizer: bool, probe_texts: Path | None,
            tolerances: tuple[tuple[str, float], ...], ort_format: bool, no_ort_fusions: bool, sign: Path | None,
-           as_json: bool, quiet: bool) -> None:
+           session_config: tuple[tuple[str, str], ...], as_json: bool, quiet: bool) -> None:
     """Merge a LoRA adapter into its base, export to ONNX, quantize, and prove parity with PyTorch.
 
     Writes OUT only when every variant passes its gate; otherwise exits 3 and keeps the diagnostics in
@@ -190,9 +197,25 @@ def export(adapters: tuple[str, ...], keep_adapters: bool, base: str | None, rev
         quantize=quantize or ("int8",), opset=opset, overwrite=overwrite, allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code, max_length=max_length, int4_block_size=int(int4_block_size),
         int4_embedding=int4_embedding, int8_weights=int8_weights, no_tokenizer=no_tokenizer, probe_texts=probe_texts, tolerances=tolerances,
-        sign=sign, ort_format=ort_format, ort_fusions=not no_ort_fusions,
+        sign=sign, ort_format=ort_format, ort_fusions=not no_ort_fusions, session_config=session_config,
     )
     _show_report(lambda: run_pipeline(spec, _progress(quiet)), out, as_json)
+
+
+def _parse_session_config(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """--session-config KEY=VALUE, each checked against the entries a bundle may carry."""
+    entries: dict[str, str] = {}
+    for text in values:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{text!r}: write KEY=VALUE, e.g. session.intra_op.allow_spinning=0",
+                                     param_hint="--session-config")
+        entries[key.strip()] = value.strip()
+    try:
+        check_session_config(entries, "")
+    except UserInputError as e:
+        raise click.BadParameter(str(e).strip(), param_hint="--session-config") from None
+    return tuple(entries.items())
 
 
 def _parse_tolerances(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:

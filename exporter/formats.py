@@ -25,6 +25,29 @@ SCHEMA_VERSION = 2
 VARIANT_FILES = {"fp32": "onnx/model.onnx", "int8": "onnx/model_quantized.onnx", "fp16": "onnx/model_fp16.onnx",
                  "int4": "onnx/model_q4.onnx"}
 
+# onnxruntime session config entries a bundle may carry (manifest "session"), each with the values it may
+# take. A manifest is a stranger's file: only entries that change scheduling or float denormal handling, never
+# ones that name files or providers (ep.context_file_path would make a session write where the bundle says).
+SESSION_CONFIG_VALUES: dict[str, tuple[str, ...]] = {
+    "session.intra_op.allow_spinning": ("0", "1"),
+    "session.inter_op.allow_spinning": ("0", "1"),
+    "session.set_denormal_as_zero": ("0", "1"),
+    "session.dynamic_block_base": ("1", "2", "4", "8", "16"),
+}
+
+
+def check_session_config(entries: dict[str, str], where: str = "--session-config") -> dict[str, str]:
+    """The entries, if every key and value is one a bundle may carry; else a UserInputError naming the fix."""
+    for key, value in entries.items():
+        allowed = SESSION_CONFIG_VALUES.get(key)
+        if allowed is None:
+            raise UserInputError(f"{where} {key}: not a session option a bundle may carry; use one of "
+                                 f"{', '.join(SESSION_CONFIG_VALUES)}")
+        if value not in allowed:
+            raise UserInputError(f"{where} {key}={value}: use one of {', '.join(allowed)}")
+    return dict(entries)
+
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"

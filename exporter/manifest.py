@@ -59,6 +59,7 @@ def manifest_head(spec: ExportSpec, task, base, adapter, num_parameters: int) ->
         "num_parameters": num_parameters,
         "opset": spec.opset,
         "min_onnxruntime": MIN_ORT_FOR_OPSET[spec.opset],
+        "session": {"config": dict(spec.session_config)},
     }
 
 

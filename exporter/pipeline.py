@@ -19,6 +19,7 @@ from .errors import (
     require_full,
 )
 from .family_base import BuildContext
+from .formats import check_session_config
 from .manifest import add_ort_format, copy_base_docs, finish, manifest_head, manifest_tail
 from .onnx_export import MIN_ORT_FOR_OPSET, graph_path
 from .quantize import INT8_WEIGHTS, quantize_all, retry_unsigned_int8
@@ -69,6 +70,7 @@ def run_pipeline(spec: ExportSpec, progress: Progress | None = None) -> Report:
     if "int4" in modes and "int4" not in task.quantize_modes:
         raise UserInputError("--quantize int4 is for text-generation models; use int8 or fp16 for encoders")
     check_int8_weights(spec.int8_weights, task.is_decoder)
+    check_session_config(dict(spec.session_config))
     check_tolerances(task.name, modes, spec.tolerances)
     check_free_space(base, modes, out)
 
@@ -146,6 +148,7 @@ def _run_swappable(spec: ExportSpec, modes: tuple[str, ...], stages: Stages, out
     if "int4" in modes and "int4" not in task.quantize_modes:
         raise UserInputError("--quantize int4 is for text-generation models; use int8 or fp16 for encoders")
     check_int8_weights(spec.int8_weights, task.is_decoder)
+    check_session_config(dict(spec.session_config))
     check_tolerances(task.name, modes, spec.tolerances)
     check_free_space(base, modes, out)
     return staged(out, spec.overwrite,
@@ -154,14 +157,14 @@ def _run_swappable(spec: ExportSpec, modes: tuple[str, ...], stages: Stages, out
 
 
 def _score_variants(staging: Path, artifacts: dict, eval_set, torch_metrics: dict, spec: TaskEvalSpec,
-                    results: dict, logits: Callable) -> dict[str, Any]:
+                    results: dict, logits: Callable, session_config: dict[str, str]) -> dict[str, Any]:
     """Each variant's task metric next to PyTorch's; a drop over the recipe's tolerance fails the variant.
     ``logits(session, feeds)`` runs one eval batch (the family builder's ``onnx_logits``)."""
     from .runtime import make_session
 
     variant_metrics = {}
     for name, art in artifacts.items():
-        session = make_session(art.path)
+        session = make_session(art.path, config=session_config)
         variant_metrics[name] = run_engine(eval_set, lambda f, s=session: logits(s, f))
     judged = judge(eval_set.task, torch_metrics, variant_metrics, spec.max_metric_drop, len(spec.rows))
     for name, v in judged["variants"].items():
@@ -257,14 +260,14 @@ def _build(ctx: BuildContext, staging: Path) -> dict[str, Any]:
     if eval_set is not None:
         task_metrics = stages.run("task_eval_onnx", "scoring ONNX variants on the eval rows", _score_variants,
                                   staging, artifacts, eval_set, torch_metrics, spec.task_eval, results,
-                                  fam.onnx_logits)
+                                  fam.onnx_logits, dict(spec.session_config))
 
     def rejudge_int8() -> dict[str, Any]:
         add_ort_format(ctx, artifacts, manifest)
         again = evaluate_variants(staging, manifest, ["int8"])
         if eval_set is not None:
             judged = _score_variants(staging, {"int8": artifacts["int8"]}, eval_set, torch_metrics, spec.task_eval,
-                                     again, fam.onnx_logits)
+                                     again, fam.onnx_logits, dict(spec.session_config))
             task_metrics["variants"]["int8"] = judged["variants"]["int8"]
         return again["int8"]
 

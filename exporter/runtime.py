@@ -43,6 +43,12 @@ def run_session(session, names: list[str], feeds: dict[str, np.ndarray], options
         raise BundleError(f"onnxruntime cannot run the graph ({str(e).splitlines()[0][:160]})") from None
 
 
+def bundle_session_config(manifest: dict[str, Any], overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """The session config entries the manifest records (schema-checked: only formats.SESSION_CONFIG_VALUES),
+    with the caller's ``overrides`` on top."""
+    return {**(manifest.get("session") or {}).get("config", {}), **(overrides or {})}
+
+
 def make_session(path: Path, providers: list[str] | None = None, threads: int | None = None,
                  config: dict[str, str] | None = None):
     """An onnxruntime session; ``config``: session config entries (e.g. session.intra_op.allow_spinning=0)."""
@@ -151,7 +157,8 @@ class BundleModel:
         entry = variants[self.variant]
         check_members(self.root, self.manifest, self.variant)
         self.tokenizer = bundle_tokenizer(self.root, self.manifest) if self.manifest.get("tokenizer") else None
-        self.session = make_session(self.root / graph_file(self.root, entry, ort_format), providers, threads)
+        self.session = make_session(self.root / graph_file(self.root, entry, ort_format), providers, threads,
+                                    bundle_session_config(self.manifest))
         graph_inputs = {i.name for i in self.session.get_inputs()}
         graph_outputs = {o.name for o in self.session.get_outputs()}
         missing = [n for n in self.input_names if n not in graph_inputs] + \
@@ -267,7 +274,7 @@ class BundleGenerator:
         self.adapter = adapter
         self._active = activate_adapter(self.root, self.manifest, adapter)
         self.session = make_session(self.root / graph_file(self.root, variants[self.variant], ort_format), providers,
-                                    threads)
+                                    threads, bundle_session_config(self.manifest))
 
     def step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = list(self.io.output_names)

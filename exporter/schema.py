@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .formats import SCHEMA_VERSION
+from .formats import SCHEMA_VERSION, SESSION_CONFIG_VALUES
 from .tasks import TASKS
 from .tolerances import THRESHOLDS
 
@@ -263,6 +263,13 @@ MANIFEST_SCHEMA: dict[str, Any] = {
         "num_parameters": {"type": "integer"},
         "opset": {"type": "integer"},
         "min_onnxruntime": {"type": "string"},
+        "session": {
+            "type": "object", "additionalProperties": False,
+            "description": "onnxruntime session options the variants were verified with; infer, generate, verify "
+                           "and bench use them (bench --session-config overrides). Only the listed entries.",
+            "properties": {"config": {
+                "type": "object", "propertyNames": {"enum": list(SESSION_CONFIG_VALUES)},
+                "properties": {k: {"enum": list(v)} for k, v in SESSION_CONFIG_VALUES.items()}}}},
         "onnxruntime_fusions": {"type": "boolean",
                                 "description": "true when the fp32 graph (and so every variant) uses onnxruntime's fused contrib ops "
                                 "(com.microsoft: BiasGelu...): they need onnxruntime"},

@@ -50,6 +50,9 @@ class ExportSpec:
     tolerances: tuple[tuple[str, float], ...] = ()
     # export --sign KEY: an Ed25519 private key (PEM); the bundle gets manifest.json.sig (exporter/signing.py).
     sign: Path | None = None
+    # export --session-config KEY=VALUE: onnxruntime session entries (formats.SESSION_CONFIG_VALUES) that parity
+    # runs with, stored in the manifest so that infer, generate, verify and bench run with them too.
+    session_config: tuple[tuple[str, str], ...] = ()
 
     def recorded(self) -> dict[str, Any]:
         """The effective settings as written into the bundle: no machine paths, no eval data."""
@@ -65,6 +68,7 @@ class ExportSpec:
         d["quantize"] = list(self.quantize)
         d["probe_texts"] = Path(self.probe_texts).name if self.probe_texts else None
         d["sign"] = self.sign is not None  # never the key's path
+        d["session_config"] = dict(self.session_config)
         return d
 
 

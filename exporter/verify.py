@@ -26,6 +26,7 @@ from .reference import check_arrays, expected_outputs, load_reference
 from .report import Report, new_report
 from .runners import make_runner, runner_class
 from .runtime import (
+    bundle_session_config,
     bundle_tokenizer,
     check_providers,
     check_threads,
@@ -60,7 +61,7 @@ def evaluate_variants(
     for name in names:
         entry = manifest["variants"][name]
         try:
-            session = make_session(root / entry["file"], providers, threads)
+            session = make_session(root / entry["file"], providers, threads, bundle_session_config(manifest))
             outputs = runner.run(session)
         except ExporterError as e:
             results[name] = {"file": entry["file"], "passed": False, "thresholds": entry["thresholds"],
@@ -77,7 +78,7 @@ def evaluate_variants(
         results[name] = {"file": entry["file"], **result}
         if entry.get("ort_file"):
             _evaluate_ort(root, entry, runner, reference, base if name != "fp32" else None, results[name],
-                          providers, threads)
+                          providers, threads, bundle_session_config(manifest))
         if entry.get("user_tolerances"):
             results[name]["user_tolerances"] = entry["user_tolerances"]
         if section:
@@ -86,10 +87,10 @@ def evaluate_variants(
 
 
 def _evaluate_ort(root: Path, entry: dict[str, Any], runner, reference, base, result: dict,
-                  providers: list[str] | None, threads: int | None) -> None:
+                  providers: list[str] | None, threads: int | None, config: dict[str, str]) -> None:
     """The variant's .ort file (export --ort-format) on the same probes, judged with the same thresholds."""
     try:
-        judged = runner.judge(runner.run(make_session(root / entry["ort_file"], providers, threads)), reference,
+        judged = runner.judge(runner.run(make_session(root / entry["ort_file"], providers, threads, config)), reference,
                               entry["thresholds"], base)
     except ExporterError as e:
         judged = {"passed": False, "outputs": {}, "failures": [str(e)]}
@@ -167,15 +168,16 @@ def check_on_texts(root: Path, manifest: dict[str, Any], texts: tuple[str, ...],
     kind = runner_class(manifest)
     probes, feeds = kind.user_probes(bundle_tokenizer(root, manifest), texts, manifest)
     runner = kind(manifest, probes, feeds)
+    config = bundle_session_config(manifest)
     reference = runner.as_reference(runner.run(make_session(root / manifest["variants"]["fp32"]["file"],
-                                                            providers, threads)))
+                                                            providers, threads, config)))
     results = {}
     for name in names:
         if name == "fp32":
             continue
         entry = manifest["variants"][name]
         try:
-            outputs = runner.run(make_session(root / entry["file"], providers, threads))
+            outputs = runner.run(make_session(root / entry["file"], providers, threads, config))
         except ExporterError as e:
             results[name] = {"passed": False, "outputs": {}, "failures": [str(e)]}
             continue
