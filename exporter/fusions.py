@@ -206,4 +206,8 @@ def recompose_layer_norms(model) -> int:
             [last.output[0]], axis=-1, epsilon=eps, name=base))
     del g.node[:]
     g.node.extend(nodes)
+    used = {i for n in g.node for i in n.input}
+    keep = [t for t in g.initializer if t.name in used or not t.name.startswith("ln_decomposed_")]
+    del g.initializer[:]
+    g.initializer.extend(keep)  # the eps and axes constants only the decomposed nodes read
     return len(done)

@@ -90,6 +90,7 @@ def test_recomposed_layer_norms_are_one_node_each_with_the_same_output(tmp_path)
     assert recompose_layer_norms(model) == 2
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("LayerNormalization") == 2 and "ReduceMean" not in ops, ops
+    assert not [t.name for t in model.graph.initializer if t.name.startswith("ln_decomposed_")]
     eps = sorted(a.f for n in model.graph.node if n.op_type == "LayerNormalization" for a in n.attribute
                  if a.name == "epsilon")
     assert eps == pytest.approx([1e-12, 1e-5])
