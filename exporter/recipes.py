@@ -11,9 +11,10 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserInputError
+from .formats import SESSION_CONFIG_VALUES, check_session_config
 from .tasks import TASK_NAMES, get_task
 
 Task = Literal[TASK_NAMES]  # type: ignore[valid-type]  # the registry's names (exporter/tasks.py)
@@ -68,6 +69,19 @@ class ExportSettings(_Strict):
     int8_weights: Literal["auto", "signed7", "unsigned"] = Field(
         "auto", description="Encoder int8 weights: signed7 (7-bit, the fast u8 x s8 kernels), unsigned (8-bit with a "
         "zero point, twice the resolution), or auto: signed7 where it passes its gate, else unsigned.")
+    session_config: dict[str, str] = Field(
+        default_factory=dict,
+        description="onnxruntime session config entries the bundle carries (export --session-config): parity runs "
+        "with them, and infer, generate, verify and bench use them. Only "
+        + ", ".join(SESSION_CONFIG_VALUES) + ".")
+
+    @field_validator("session_config")
+    @classmethod
+    def _known_session_entries(cls, value: dict[str, str]) -> dict[str, str]:
+        try:
+            return check_session_config(value, "")
+        except UserInputError as e:
+            raise ValueError(str(e).strip()) from None
 
 
 class Tolerances(_Strict):

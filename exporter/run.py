@@ -47,7 +47,7 @@ def run_recipe(recipe, out: Path, *, overwrite: bool = False, quiet: bool = Fals
         labels=tuple(data.labels) if data.labels else None, quantize=tuple(recipe.export.quantize),
         opset=recipe.export.opset, int8_weights=recipe.export.int8_weights, overwrite=overwrite, trust_remote_code=recipe.trust_remote_code,
         task_eval=task_eval, recipe_yaml=effective_yaml(recipe), include_adapter=True,
-        tolerances=tuple(recipe.tolerances.gates.items()),
+        tolerances=tuple(recipe.tolerances.gates.items()), session_config=tuple(recipe.export.session_config.items()),
         training={"seconds": stages.timings["finetune"],
                   **{k: trained.metrics.get(k) for k in ("global_step", "train_loss", "eval", "train_rows", "eval_rows",
                                                          "validation_rows", "best_checkpoint", "validation")}},

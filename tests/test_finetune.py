@@ -120,6 +120,9 @@ def test_two_process_ddp_keeps_ranks_in_sync(factory, tmp_path):
 
 def test_run_end_to_end_on_tiny_model(factory, tmp_path):
     recipe = write_recipe(tmp_path / "r", factory.base("bert"), "text-classification", max_steps=6)
+    spec = json.loads(recipe.read_text())
+    spec["export"]["session_config"] = {"session.set_denormal_as_zero": "1"}
+    recipe.write_text(json.dumps(spec))
     out = tmp_path / "bundle"
     r = CliRunner().invoke(cli, ["run", str(recipe), "-o", str(out), "--json", "-q"])
     assert r.exit_code == 0, r.output
@@ -132,6 +135,8 @@ def test_run_end_to_end_on_tiny_model(factory, tmp_path):
     assert (out / "recipe.yaml").exists() and (out / "adapter" / "adapter_model.safetensors").exists()
     assert "train.jsonl" in (out / "recipe.yaml").read_text() and str(tmp_path) not in (out / "recipe.yaml").read_text()
     assert json.loads((out / "parity.json").read_text()) == report
+    # The recipe's session options reach the bundle (and the sessions verify makes below).
+    assert json.loads((out / "manifest.json").read_text())["session"] == {"config": {"session.set_denormal_as_zero": "1"}}
     # The eval data itself never enters the bundle.
     first_eval = json.loads((tmp_path / "r" / "eval.jsonl").read_text().splitlines()[0])["text"]
     for f in out.rglob("*"):

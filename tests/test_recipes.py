@@ -116,6 +116,17 @@ def test_cli_check_and_schema(recipe_dir):
     assert schema["additionalProperties"] is False
 
 
+def test_session_config_from_the_recipe_is_checked_when_it_loads(recipe_dir):
+    p = write(recipe_dir, GOOD + "export:\n  session_config:\n    session.intra_op.allow_spinning: '0'\n")
+    assert load_recipe(p).export.session_config == {"session.intra_op.allow_spinning": "0"}
+    assert load_recipe(write(recipe_dir, GOOD)).export.session_config == {}
+    bad = GOOD + "export:\n  session_config:\n    ep.context_file_path: /tmp/x\n"
+    with pytest.raises(UserInputError, match="ep.context_file_path: not a session option a bundle may carry"):
+        load_recipe(write(recipe_dir, bad))
+    with pytest.raises(UserInputError, match="use one of 0, 1"):
+        load_recipe(write(recipe_dir, GOOD + "export:\n  session_config:\n    session.set_denormal_as_zero: 'on'\n"))
+
+
 def test_int8_weights_from_the_recipe_and_the_run_flag(recipe_dir, tmp_path):
     p = write(recipe_dir, GOOD + "export:\n  int8_weights: unsigned\n")
     assert load_recipe(p).export.int8_weights == "unsigned"
