@@ -115,7 +115,7 @@ def _decompose(model) -> int:
             return helper.make_node("ReduceMean", [x, const("axes", -1)], [y], keepdims=1, name=name)
         return helper.make_node("ReduceMean", [x], [y], axes=[-1], keepdims=1, name=name)
 
-    nodes, count = [], 0
+    nodes, count, groups = [], 0, set()
     for node in g.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "LayerNormalization" and node.domain in ("", "ai.onnx"):
@@ -136,7 +136,14 @@ def _decompose(model) -> int:
         if not ok or any(o and o in used for o in node.output[1:3]):
             nodes.append(node)
             continue
-        base = (node.name or node.output[0]) + DECOMPOSED_LN_TAG
+        # ONNX does not require unique node names: a repeated one gets a suffix, so that no two groups share
+        # tensor names (and recompose_layer_norms cannot merge them).
+        stem, k = node.name or node.output[0], 0
+        while (stem if not k else f"{stem}_{k}") in groups:
+            k += 1
+        stem = stem if not k else f"{stem}_{k}"
+        groups.add(stem)
+        base = stem + DECOMPOSED_LN_TAG
 
         def t(suffix: str, base: str = base) -> str:
             return base + suffix

@@ -75,6 +75,15 @@ class ExportSettings(_Strict):
         "with them, and infer, generate, verify and bench use them. Only "
         + ", ".join(SESSION_CONFIG_VALUES) + ".")
 
+    @field_validator("session_config", mode="before")
+    @classmethod
+    def _yaml_scalars_as_text(cls, value: Any) -> Any:
+        # YAML reads `allow_spinning: 0` as an int and `true` as a bool; onnxruntime's entries are strings.
+        if isinstance(value, dict):
+            return {k: ("1" if v else "0") if isinstance(v, bool) else str(v) if isinstance(v, int) else v
+                    for k, v in value.items()}
+        return value
+
     @field_validator("session_config")
     @classmethod
     def _known_session_entries(cls, value: dict[str, str]) -> dict[str, str]:

@@ -9,9 +9,10 @@ import pytest
 H = 48
 
 
-def _graph(path, mean_used: bool = False):
+def _graph(path, mean_used: bool = False, opset: int = 20, affine_only: bool = False, same_names: bool = False):
     """A SkipLayerNormalization (bias, and its input+skip+bias sum used downstream) feeding an ai.onnx
-    LayerNormalization, with random gamma/beta."""
+    LayerNormalization, with random gamma/beta. ``affine_only``: no bias on the first, no beta on either;
+    ``same_names``: both nodes named alike (ONNX allows it)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -20,18 +21,20 @@ def _graph(path, mean_used: bool = False):
         ("g1", rng.uniform(0.5, 1.5, H)), ("b1", rng.normal(0, 1, H)), ("bias", rng.normal(0, 1, H)),
         ("g2", rng.uniform(0.5, 1.5, H)), ("b2", rng.normal(0, 1, H))]]
     skip_outputs = ["s", "m" if mean_used else "", "", "sum"]
+    skip_inputs, ln_inputs = (["x", "r", "g1"], ["t", "g2"]) if affine_only else (["x", "r", "g1", "b1", "bias"],
+                                                                                  ["t", "g2", "b2"])
     nodes = [
-        helper.make_node("SkipLayerNormalization", ["x", "r", "g1", "b1", "bias"], skip_outputs,
-                         domain="com.microsoft", epsilon=1e-12, name="skip_ln"),
+        helper.make_node("SkipLayerNormalization", skip_inputs, skip_outputs, domain="com.microsoft",
+                         epsilon=1e-12, name="ln" if same_names else "skip_ln"),
         helper.make_node("Add", ["s", "sum"], ["t"], name="mix"),
-        helper.make_node("LayerNormalization", ["t", "g2", "b2"], ["y"], axis=-1, epsilon=1e-5, name="ln"),
+        helper.make_node("LayerNormalization", ln_inputs, ["y"], axis=-1, epsilon=1e-5, name="ln"),
     ]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", H])]
     if mean_used:
         outputs.append(helper.make_tensor_value_info("m", TensorProto.FLOAT, ["b", "s", 1]))
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", "s", H])
                                        for n in ("x", "r")], outputs, inits)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)])
     onnx.save(model, str(path))
 
 
@@ -45,6 +48,14 @@ def _run(path, feeds, optimized=None):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
+def _reference(tmp_path, form):
+    """The graph before decomposition, as onnxruntime runs it (it refuses repeated node names, so that form's
+    reference is the same graph with distinct names)."""
+    ref = tmp_path / "reference.onnx"
+    _graph(ref, **{k: v for k, v in form.items() if k != "same_names"})
+    return ref
+
+
 def _feeds():
     rng = np.random.default_rng(0)
     # An offset and scale like a transformer's residual stream with an outlier channel.
@@ -53,15 +64,19 @@ def _feeds():
     return {"x": x, "r": rng.normal(0, 3, (2, 5, H)).astype(np.float32)}
 
 
-def test_decomposed_layer_norms_match_onnxruntime_kernels_and_stay_decomposed(tmp_path):
+FORMS = [{}, {"opset": 17}, {"affine_only": True}, {"same_names": True}]  # opset 17: ReduceMean's axes attribute
+
+
+@pytest.mark.parametrize("form", FORMS, ids=["opset20", "opset17", "no-bias-no-beta", "same-node-names"])
+def test_decomposed_layer_norms_match_onnxruntime_kernels_and_stay_decomposed(tmp_path, form):
     import onnx
 
     from exporter.fusions import decompose_layer_norms
 
     path = tmp_path / "m.onnx"
-    _graph(path)
+    _graph(path, **form)
     feeds = _feeds()
-    want = _run(path, feeds)[0]
+    want = _run(_reference(tmp_path, form), feeds)[0]
     assert decompose_layer_norms(path) == 2
     model = onnx.load(str(path))
     ops = [n.op_type for n in model.graph.node]
@@ -76,15 +91,16 @@ def test_decomposed_layer_norms_match_onnxruntime_kernels_and_stay_decomposed(tm
     assert not fused & {"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization"}, fused
 
 
-def test_recomposed_layer_norms_are_one_node_each_with_the_same_output(tmp_path):
+@pytest.mark.parametrize("form", FORMS, ids=["opset20", "opset17", "no-bias-no-beta", "same-node-names"])
+def test_recomposed_layer_norms_are_one_node_each_with_the_same_output(tmp_path, form):
     import onnx
 
     from exporter.fusions import decompose_layer_norms, recompose_layer_norms
 
     path = tmp_path / "m.onnx"
-    _graph(path)
+    _graph(path, **form)
     feeds = _feeds()
-    want = _run(path, feeds)[0]
+    want = _run(_reference(tmp_path, form), feeds)[0]
     decompose_layer_norms(path)
     model = onnx.load(str(path))
     assert recompose_layer_norms(model) == 2

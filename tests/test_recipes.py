@@ -120,6 +120,9 @@ def test_session_config_from_the_recipe_is_checked_when_it_loads(recipe_dir):
     p = write(recipe_dir, GOOD + "export:\n  session_config:\n    session.intra_op.allow_spinning: '0'\n")
     assert load_recipe(p).export.session_config == {"session.intra_op.allow_spinning": "0"}
     assert load_recipe(write(recipe_dir, GOOD)).export.session_config == {}
+    unquoted = GOOD + "export:\n  session_config:\n    session.intra_op.allow_spinning: 0\n    session.set_denormal_as_zero: true\n"
+    assert load_recipe(write(recipe_dir, unquoted)).export.session_config == {
+        "session.intra_op.allow_spinning": "0", "session.set_denormal_as_zero": "1"}
     bad = GOOD + "export:\n  session_config:\n    ep.context_file_path: /tmp/x\n"
     with pytest.raises(UserInputError, match="ep.context_file_path: not a session option a bundle may carry"):
         load_recipe(write(recipe_dir, bad))
