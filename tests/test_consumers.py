@@ -407,6 +407,12 @@ def assert_page_switches_like_infer(chromium, node_modules, bundle: Path, adapte
                 # 0.006 on MiniLM logits of ~4). Unfused, native onnxruntime computes what the page does.
                 np.testing.assert_allclose(np.array(logits), ours, atol=0.05, err_msg=f"{variant} {adapter}")
                 ours = unfused_logits(bundle, model, adapter)
+                # Unfused, the same ops, but not the same float rounding (fp32 below agrees within 1e-4; since
+                # the layer norms became ReduceMean/Sub/... in exporter/fusions.py there is more of it), and
+                # DynamicQuantizeLinear turns a 1e-6 difference at a rounding boundary into one int8 code step
+                # (measured in CI: 0.0011 on 1 of 6 logits of ~1.8).
+                np.testing.assert_allclose(np.array(logits), ours, atol=0.01, err_msg=f"{variant} {adapter}")
+                continue
             # The same graph and tensors on onnxruntime-web's wasm build vs the Python wheel: float rounding.
             np.testing.assert_allclose(np.array(logits), ours, atol=1e-4, rtol=1e-4, err_msg=f"{variant} {adapter}")
         by = {a: np.array(v) for a, v in got["results"]}
