@@ -64,13 +64,8 @@ def _feeds():
     return {"x": x, "r": rng.normal(0, 3, (2, 5, H)).astype(np.float32)}
 
 
-FORMS = [{}, {"opset": 17}, {"affine_only": True}, {"same_names": True}]  # opset 17: ReduceMean's axes attribute
-
-
-@pytest.mark.parametrize("form", FORMS, ids=["opset20", "opset17", "no-bias-no-beta", "same-node-names"])
-def test_decomposed_layer_norms_match_onnxruntime_kernels_and_stay_decomposed(tmp_path, form):
-    import onnx
-
+def _decomposed(tmp_path, form):
+    """The form's graph with its two layer norms decomposed, the feeds, and onnxruntime's kernels' output."""
     from exporter.fusions import decompose_layer_norms
 
     path = tmp_path / "m.onnx"
@@ -78,6 +73,17 @@ def test_decomposed_layer_norms_match_onnxruntime_kernels_and_stay_decomposed(tm
     feeds = _feeds()
     want = _run(_reference(tmp_path, form), feeds)[0]
     assert decompose_layer_norms(path) == 2
+    return path, feeds, want
+
+
+FORMS = [{}, {"opset": 17}, {"affine_only": True}, {"same_names": True}]  # opset 17: ReduceMean's axes attribute
+
+
+@pytest.mark.parametrize("form", FORMS, ids=["opset20", "opset17", "no-bias-no-beta", "same-node-names"])
+def test_decomposed_layer_norms_match_onnxruntime_kernels_and_stay_decomposed(tmp_path, form):
+    import onnx
+
+    path, feeds, want = _decomposed(tmp_path, form)
     model = onnx.load(str(path))
     ops = [n.op_type for n in model.graph.node]
     assert "LayerNormalization" not in ops and "SkipLayerNormalization" not in ops, ops
@@ -95,13 +101,9 @@ def test_decomposed_layer_norms_match_onnxruntime_kernels_and_stay_decomposed(tm
 def test_recomposed_layer_norms_are_one_node_each_with_the_same_output(tmp_path, form):
     import onnx
 
-    from exporter.fusions import decompose_layer_norms, recompose_layer_norms
+    from exporter.fusions import recompose_layer_norms
 
-    path = tmp_path / "m.onnx"
-    _graph(path, **form)
-    feeds = _feeds()
-    want = _run(_reference(tmp_path, form), feeds)[0]
-    decompose_layer_norms(path)
+    path, feeds, want = _decomposed(tmp_path, form)
     model = onnx.load(str(path))
     assert recompose_layer_norms(model) == 2
     ops = [n.op_type for n in model.graph.node]
