@@ -22,6 +22,7 @@ from .cli_device import (
     infer,
     inspect,
     keygen,
+    parse_config_entry,
     print_summary,
     verify,
 )
@@ -204,17 +205,11 @@ def export(adapters: tuple[str, ...], keep_adapters: bool, base: str | None, rev
 
 def _parse_session_config(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     """--session-config KEY=VALUE, each checked against the entries a bundle may carry."""
-    entries: dict[str, str] = {}
-    for text in values:
-        key, sep, value = text.partition("=")
-        if not sep or not key.strip():
-            raise click.BadParameter(f"{text!r}: write KEY=VALUE, e.g. session.intra_op.allow_spinning=0",
-                                     param_hint="--session-config")
-        entries[key.strip()] = value.strip()
+    entries = dict(parse_config_entry(text) for text in values)
     try:
-        check_session_config(entries, "")
+        check_session_config(entries)
     except UserInputError as e:
-        raise click.BadParameter(str(e).strip(), param_hint="--session-config") from None
+        raise click.BadParameter(str(e), param_hint="--session-config") from None
     return tuple(entries.items())
 
 

@@ -237,7 +237,8 @@ def _shape(text: str) -> tuple[int, int]:
     return int(b), int(s)
 
 
-def _config(text: str) -> tuple[str, str]:
+def parse_config_entry(text: str) -> tuple[str, str]:
+    """--session-config KEY=VALUE (bench, export)."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise click.BadParameter(f"{text!r}: write KEY=VALUE, e.g. session.intra_op.allow_spinning=0",
@@ -279,7 +280,7 @@ def bench(bundle: Path, variants: tuple[str, ...], shapes: tuple[str, ...], cont
     from .bench import BenchSpec, run_bench
 
     spec = BenchSpec(bundle, tuple(variants), tuple(_shape(s) for s in shapes), tuple(contexts), rounds, warmup, threads,
-                     tuple(_config(c) for c in session_config), adapter, ort_format, not no_memory)
+                     tuple(parse_config_entry(c) for c in session_config), adapter, ort_format, not no_memory)
     result = run_bench(spec, progress=lambda m: click.echo(m, err=True))
     if plot is not None:
         from .plot import write_bench_plot

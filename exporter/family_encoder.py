@@ -129,11 +129,18 @@ class EncoderBuild(FamilyBuild):
         from .onnx_export import example_feeds, export_onnx
 
         art = export_onnx(self.wrap(model), example_feeds(self.feeds[-1]), path, self.task, opset)
-        if self.ort_fusion and not art.data_files:
+        return self._tune_for_ort(art, self.ort_fusion)
+
+    def _tune_for_ort(self, art, fusion: str | None):
+        """onnxruntime's fusions (``fusion``: its model_type) and the layer norms as primitive ops, in one load
+        and save of the graph; nothing for graphs with external data."""
+        if art.data_files:
+            return art
+        if fusion:
             from .fusions import fuse_transformer
 
-            fuse_transformer(art.path, self.ort_fusion, decompose=self.decompose_ln)
-        elif self.decompose_ln and not art.data_files:
+            fuse_transformer(art.path, fusion, decompose=self.decompose_ln)
+        elif self.decompose_ln:
             from .fusions import decompose_layer_norms
 
             decompose_layer_norms(art.path)
@@ -150,11 +157,7 @@ class EncoderBuild(FamilyBuild):
         batch, seq = torch.export.Dim(BATCH_AXIS), torch.export.Dim("sequence")
         art = export_swappable(wrapper, model, interface, [torch.from_numpy(a) for a in example.values()],
                                [{0: batch, 1: seq} for _ in self.names], self.names, self.output_names, path, opset)
-        if self.decompose_ln and not art.data_files:
-            from .fusions import decompose_layer_norms
-
-            decompose_layer_norms(art.path)
-        return art
+        return self._tune_for_ort(art, None)  # swappable graphs are not fused
 
     def describe(self, model, tok) -> None:
         """What the manifest needs from the model, read before it is freed (nothing, for encoders)."""

@@ -36,15 +36,15 @@ SESSION_CONFIG_VALUES: dict[str, tuple[str, ...]] = {
 }
 
 
-def check_session_config(entries: dict[str, str], where: str = "--session-config") -> dict[str, str]:
+def check_session_config(entries: dict[str, str]) -> dict[str, str]:
     """The entries, if every key and value is one a bundle may carry; else a UserInputError naming the fix."""
     for key, value in entries.items():
         allowed = SESSION_CONFIG_VALUES.get(key)
         if allowed is None:
-            raise UserInputError(f"{where} {key}: not a session option a bundle may carry; use one of "
+            raise UserInputError(f"session config {key}: not a session option a bundle may carry; use one of "
                                  f"{', '.join(SESSION_CONFIG_VALUES)}")
         if value not in allowed:
-            raise UserInputError(f"{where} {key}={value}: use one of {', '.join(allowed)}")
+            raise UserInputError(f"session config {key}={value}: use one of {', '.join(allowed)}")
     return dict(entries)
 
 

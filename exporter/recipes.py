@@ -88,9 +88,9 @@ class ExportSettings(_Strict):
     @classmethod
     def _known_session_entries(cls, value: dict[str, str]) -> dict[str, str]:
         try:
-            return check_session_config(value, "")
+            return check_session_config(value)
         except UserInputError as e:
-            raise ValueError(str(e).strip()) from None
+            raise ValueError(str(e)) from None
 
 
 class Tolerances(_Strict):

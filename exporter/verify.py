@@ -58,10 +58,11 @@ def evaluate_variants(
         check_arrays(root / base_file, base, expected_outputs(manifest, probes, inputs, names_in_base),
                      optional=names_in_base is not None)
     results = {}
+    config = bundle_session_config(manifest)
     for name in names:
         entry = manifest["variants"][name]
         try:
-            session = make_session(root / entry["file"], providers, threads, bundle_session_config(manifest))
+            session = make_session(root / entry["file"], providers, threads, config)
             outputs = runner.run(session)
         except ExporterError as e:
             results[name] = {"file": entry["file"], "passed": False, "thresholds": entry["thresholds"],
@@ -78,7 +79,7 @@ def evaluate_variants(
         results[name] = {"file": entry["file"], **result}
         if entry.get("ort_file"):
             _evaluate_ort(root, entry, runner, reference, base if name != "fp32" else None, results[name],
-                          providers, threads, bundle_session_config(manifest))
+                          providers, threads, config)
         if entry.get("user_tolerances"):
             results[name]["user_tolerances"] = entry["user_tolerances"]
         if section:
