@@ -11,7 +11,8 @@ Embedding tables are uint8 per tensor in both (a Gather's speed does not depend 
 
 Each MatMul/Gemm with a constant 2-D weight becomes
 DynamicQuantizeLinear (once per activation) -> MatMulInteger -> Cast -> Mul by the product of the two scales,
-the chain onnxruntime fuses into DynamicQuantizeMatMul; constant embedding tables become a uint8 Gather and a
+the chain onnxruntime fuses into DynamicQuantizeMatMul (a BiasGelu after one becomes Add + Gelu, so the bias
+fuses into it too); constant embedding tables become a uint8 Gather and a
 DequantizeLinear. Which weights a bundle gets: see quantize.py.
 
 Why not onnxruntime's tool: it quantizes a weight one channel at a time in Python, 4.3 s of a MiniLM export's
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ExporterError
+from .fusions import MS_DOMAIN
 
 QMAX = 255  # uint8, not reduced: U8U8 kernels cannot saturate (tests/test_quant_numerics.py)
 S7 = 64  # signed7: |q| <= 64, onnxruntime's reduce_range for int8 (-64..64)
@@ -145,16 +147,15 @@ def quantize_dynamic_int8(src: Path, dst: Path, external: bool, weights: str = "
                 quantized_outputs.add(out)
             counts["matmul"] += 1
             continue
-        if (node.op_type == "BiasGelu" and node.domain == "com.microsoft" and len(node.input) == 2
-                and node.input[0] in quantized_outputs and const(node.input[1]) is not None
-                and const(node.input[1]).ndim == 1):
+        gelu_bias = const(node.input[1]) if node.op_type == "BiasGelu" and len(node.input) == 2 else None
+        if node.domain == MS_DOMAIN and node.input[0] in quantized_outputs and getattr(gelu_bias, "ndim", 0) == 1:
             # The bias goes into the quantized MatMul (onnxruntime fuses the Add into DynamicQuantizeMatMul's
             # bias) and Gelu runs alone: the same outputs, bit for bit, and MiniLM int8 at b8 s128 took
-            # 61.2 against 64.6 ms (one thread, AVX-512 Xeon, issue 15 session 11): BiasGelu's kernel is slower
+            # 62.4 against 66.9 ms (one thread, AVX-512 Xeon, issue 15 session 11): BiasGelu's kernel is slower
             # than Gelu's on the same tensor (1.29 against 0.92 ms at [8, 128, 1536]).
             mid = node.output[0] + "_biased"
             nodes += [helper.make_node("Add", list(node.input), [mid], name=name + "_Add"),
-                      helper.make_node("Gelu", [mid], list(node.output), name=name, domain="com.microsoft")]
+                      helper.make_node("Gelu", [mid], list(node.output), name=name, domain=MS_DOMAIN)]
             continue
         table = const(node.input[0]) if node.op_type == "Gather" and node.input else None
         if table is not None and _axis(node) == 0 and table.ndim == 2:
