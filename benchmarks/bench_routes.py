@@ -145,9 +145,18 @@ MINILM_LINEAR_MACS = 6 * (4 * 384 * 384 + 2 * 384 * 1536)
 def fused_ops(path: Path) -> str:
     import onnx
 
-    ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
-    wanted = ("Attention", "QAttention", "SkipLayerNormalization", "EmbedLayerNormalization", "BiasGelu", "FastGelu",
-              "Gelu", "MatMulInteger", "DynamicQuantizeMatMul", "MatMul", "LayerNormalization")
+    def walk(g) -> list[str]:  # subgraphs too: the project's attention sits in If branches (exporter/fusions.py)
+        out = []
+        for n in g.node:
+            out.append(n.op_type)
+            for a in n.attribute:
+                for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                    out += walk(sub)
+        return out
+
+    ops = walk(onnx.load(str(path), load_external_data=False).graph)
+    wanted = ("Attention", "QAttention", "MultiHeadAttention", "If", "SkipLayerNormalization", "EmbedLayerNormalization",
+              "BiasGelu", "FastGelu", "Gelu", "MatMulInteger", "DynamicQuantizeMatMul", "MatMul", "LayerNormalization")
     return ", ".join(f"{k} {ops.count(k)}" for k in wanted if ops.count(k))
 
 

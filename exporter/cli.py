@@ -155,9 +155,10 @@ def cli() -> None:
                    "verified like its .onnx (merged bundles).")
 @click.option("--no-ort-fusions", is_flag=True,
               help="Encoders: keep every graph as exported, in standard ONNX operators, for runtimes other than "
-                   "onnxruntime. Default: tuned for onnxruntime's CPU kernels: its transformer fusions (BiasGelu, "
-                   "a contrib op) and layer norms written out as primitive ops, on the fp32 graph, which int8 "
-                   "inherits (int8 0.31x torch instead of 0.40x at b1 s128, docs/performance.md).")
+                   "onnxruntime. Default: tuned for onnxruntime's CPU kernels, on the fp32 graph, which int8 and "
+                   "fp16 inherit: its transformer fusions (BiasGelu, a contrib op), layer norms kept out of its slow "
+                   "fused kernel, and attention as one MultiHeadAttention (a contrib op) where nothing is padded "
+                   "(MiniLM int8 0.31x torch instead of 0.42x at b8 s128, docs/performance.md).")
 @click.option("--sign", "sign", type=click.Path(path_type=Path), default=None, metavar="KEY.pem",
               help="Sign the bundle with this Ed25519 private key (export-adapter keygen): writes manifest.json.sig, "
                    "which verify --trusted-key checks. An encrypted key reads its password from "

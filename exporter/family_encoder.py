@@ -25,11 +25,11 @@ class EncoderBuild(FamilyBuild):
     family = "encoder"
 
     def __init__(self, task: TaskSpec, pooling: dict | None = None, ort_fusion: str | None = None,
-                 decompose_ln: bool = False) -> None:
+                 tune: bool = False) -> None:
         super().__init__(task)
         self.pooling = pooling
         self.ort_fusion = ort_fusion
-        self.decompose_ln = decompose_ln
+        self.tune = tune
         self.infos = [OutputInfo(o.name, "sequence" in o.axes, o.is_logits) for o in task.outputs]
         self.output_names = tuple(i.name for i in self.infos)
         self.texts = None  # probes.ProbeTexts (None: synthetic ids)
@@ -39,7 +39,7 @@ class EncoderBuild(FamilyBuild):
     @classmethod
     def for_export(cls, ctx: BuildContext) -> EncoderBuild:
         return cls(ctx.task, pooling_config(ctx.base) if ctx.task.name == "feature-extraction" else None,
-                   ctx.arch.ort_fusion if ctx.spec.ort_fusions else None, decompose_ln=ctx.spec.ort_fusions)
+                   ctx.arch.ort_fusion if ctx.spec.ort_fusions else None, tune=ctx.spec.ort_fusions)
 
     @classmethod
     def from_bundle(cls, task: TaskSpec, manifest: dict[str, Any], probes: dict, inputs: Arrays) -> EncoderBuild:
@@ -132,18 +132,19 @@ class EncoderBuild(FamilyBuild):
         return self._tune_for_ort(art, self.ort_fusion)
 
     def _tune_for_ort(self, art, fusion: str | None):
-        """onnxruntime's fusions (``fusion``: its model_type) and the layer norms as primitive ops, in one load
-        and save of the graph; nothing for graphs with external data."""
-        if art.data_files:
+        """onnxruntime's fusions (``fusion``: its model_type) and fusions.tune_for_cpu, in one load and save of
+        the graph; nothing for graphs with external data. A graph left unfused stays standard ONNX: its
+        attention is not fused either."""
+        if art.data_files or not self.tune:
             return art
         if fusion:
             from .fusions import fuse_transformer
 
-            fuse_transformer(art.path, fusion, decompose=self.decompose_ln)
-        elif self.decompose_ln:
-            from .fusions import decompose_layer_norms
+            fuse_transformer(art.path, fusion, tune=True)
+        else:
+            from .fusions import tune_file_for_cpu
 
-            decompose_layer_norms(art.path)
+            tune_file_for_cpu(art.path)
         return art
 
     def export_swappable(self, model, interface, path: Path, opset: int):

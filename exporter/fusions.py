@@ -1,4 +1,5 @@
-"""onnxruntime's transformer fusions on an exported encoder graph (build side).
+"""onnxruntime's transformer fusions on an exported encoder graph, and the rewrites that make onnxruntime's
+CPU kernels run it faster (build side).
 
 Measured for issue 15 on MiniLM + LoRA (x86 AVX2 without VNNI, 1 thread, ``benchmarks/bench_routes.py``): the
 dynamo graph with eager attention, fused by onnxruntime's transformer optimizer (SkipLayerNormalization 12,
@@ -9,13 +10,16 @@ transformers' masks into shape-specialised Python branches). The fusions are pla
 onnxruntime session optimizations baked in, so nothing depends on the exporting CPU); the fused ops are
 onnxruntime contrib ops (com.microsoft), which onnxruntime, onnxruntime-web and onnxruntime-node run.
 
-Layer norms are then written out as primitive ops (``decompose_layer_norms``): onnxruntime's CPU kernels for
-LayerNormalization and SkipLayerNormalization are scalar loops. Measured on one thread of an AVX-512 Xeon
-(issue 15, session 10): 2.06 ms for an [8, 128, 384] SkipLayerNormalization against 0.90 ms for Add +
-ReduceMean/Sub/Mul/ReduceMean/Add/Sqrt/Reciprocal/Mul/Mul/Add on the same tensor (0.25 vs 0.055 ms at
-[1, 128, 384], 0.036 vs 0.015 ms at [1, 16, 384]); max difference 2.4e-6. Reciprocal + Mul, not Div, and
-Mul(c, c), not Pow, so that onnxruntime's own LayerNormFusion does not fold the pattern back into the slow
-kernel at session load.
+Then ``tune_for_cpu`` (both measured on one thread of an AVX-512 Xeon with onnxruntime 1.32, issue 15):
+- Layer norms (``unfuse_layer_norms``): onnxruntime's SkipLayerNormalization kernel is a scalar loop (2.08 ms
+  at [8, 128, 384]) and its session-load fusions turn any Add + LayerNormalization on a 3-D tensor into one
+  (2.12 ms), while LayerNormalization alone is vectorised (0.25 ms). So each becomes its Adds, then one
+  LayerNormalization on a 2-D view (Flatten, and Reshape back), which no fusion matches: 0.66 ms in all, against
+  0.87-0.98 ms for the primitive ops (ReduceMean, Sub, Mul, ...) written out before (session 10), and 2.1 ms
+  fused. Float16 keeps the same form: LayerNormalization accumulates in float32 there, where float16 primitive
+  ops would overflow on the square of a hidden state past 256.
+- Masks (``skip_zero_masks``): attention is computed without the mask when it is all zeros (nothing padded),
+  as one MultiHeadAttention where the exported chain is recognised.
 """
 
 from __future__ import annotations
@@ -30,15 +34,15 @@ import numpy as np
 from .errors import ExporterError
 
 MS_DOMAIN = "com.microsoft"
-# Marks the nodes of a decomposed layer norm, so that the float16 variant can put them back together.
-DECOMPOSED_LN_TAG = "/ln_decomposed/"
+# Marks the nodes a rewritten layer norm becomes.
+UNFUSED_LN_TAG = "/ln_unfused/"
+MATMULS = ("MatMul", "Gemm", "FusedMatMul")
 
 
-def fuse_transformer(path: Path, model_type: str, decompose: bool = False) -> dict[str, int]:
+def fuse_transformer(path: Path, model_type: str, tune: bool = False) -> dict[str, int]:
     """Rewrite the graph at ``path`` in place with onnxruntime's fusions for ``model_type`` (its optimizer's
-    name: "bert" also matches RoBERTa/DistilBERT layers), then, with ``decompose``, its layer norms as
-    primitive ops (one save for both); the contrib op counts left (empty: nothing matched)."""
-    import onnx
+    name: "bert" also matches RoBERTa/DistilBERT layers), then, with ``tune``, ``tune_for_cpu`` with fused
+    attention (one save for both); the contrib op counts of the top-level graph (empty: nothing matched)."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     # The optimizer logs every fusion it tries at INFO/WARNING on its own loggers.
@@ -56,79 +60,94 @@ def fuse_transformer(path: Path, model_type: str, decompose: bool = False) -> di
     finally:
         for lg, level in zip(quiet, levels):
             lg.setLevel(level)
-    decomposed = _decompose(optimized.model) if decompose else 0
+    tuned = sum(tune_for_cpu(optimized.model, fused_attention=True).values()) if tune else 0
     fused: dict[str, int] = {}
     for node in optimized.model.graph.node:
         if node.domain == MS_DOMAIN:
             fused[node.op_type] = fused.get(node.op_type, 0) + 1
-    if fused or decomposed:
+    if fused or tuned:
         # save_model_to_file adds the com.microsoft opset import the fused nodes need.
         optimized.save_model_to_file(str(path), use_external_data_format=False)
-        onnx.checker.check_model(str(path))
+        _check(path)
     return fused
 
 
 def uses_contrib_ops(path: Path) -> bool:
+    """Whether any node of the graph at ``path``, or of its subgraphs, is an onnxruntime contrib op."""
     import onnx
 
-    return any(n.domain == MS_DOMAIN for n in onnx.load(str(path), load_external_data=False).graph.node)
+    return MS_DOMAIN in _domains(onnx.load(str(path), load_external_data=False).graph)
 
 
-def decompose_layer_norms(path: Path) -> int:
-    """Rewrite, in place, every LayerNormalization (last axis) and SkipLayerNormalization of the graph at
-    ``path`` as primitive ops; the number rewritten. A node whose mean or inverse-std outputs are used is kept."""
+def _domains(g) -> set[str]:
+    from onnx import AttributeProto
+
+    out = set()
+    for n in g.node:
+        out.add(n.domain)
+        for a in n.attribute:
+            for sub in [a.g] if a.type == AttributeProto.GRAPH else list(a.graphs):
+                out |= _domains(sub)
+    return out
+
+
+def tune_file_for_cpu(path: Path, fused_attention: bool = False) -> dict[str, int]:
+    """``tune_for_cpu`` on the graph at ``path``, in place (for graphs onnxruntime's optimizer does not fuse)."""
     import onnx
 
     model = onnx.load(str(path))
-    count = _decompose(model)
-    if count:
+    counts = tune_for_cpu(model, fused_attention)
+    if any(counts.values()):
         onnx.save(model, str(path))
-        onnx.checker.check_model(str(path))
-    return count
+        _check(path)
+    return counts
 
 
-def _decompose(model) -> int:
-    """decompose_layer_norms on a loaded ModelProto, in memory."""
-    from onnx import helper, numpy_helper
+def tune_for_cpu(model, fused_attention: bool = False) -> dict[str, int]:
+    """The rewrites the module docstring measures, on a loaded ModelProto in memory: layer norms, then masks
+    (``fused_attention``: MultiHeadAttention, a contrib op, where nothing is masked). How many of each."""
+    return {"layer_norms": unfuse_layer_norms(model), **skip_zero_masks(model, fused_attention)}
+
+
+def _check(path: Path) -> None:
+    import onnx
+
+    onnx.checker.check_model(str(path))
+
+
+def unfuse_layer_norms(model) -> int:
+    """Rewrite every LayerNormalization (last axis) and SkipLayerNormalization of a loaded ModelProto, in memory,
+    as its Adds, then one LayerNormalization on a 2-D view (Flatten, and Reshape back); the number rewritten.
+    Nothing before opset 17, which has no LayerNormalization (the exporter writes 17 and later). A node whose
+    mean or inverse-std outputs are used is kept."""
+    from onnx import helper
 
     g = model.graph
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    taken = {i.name for i in g.initializer} | {o for n in g.node for o in n.output} | {i.name for i in g.input}
-    consts: dict[tuple, str] = {}
-
-    def const(kind: str, value) -> str:
-        key = (kind, float(value) if kind == "eps" else int(value))
-        if key not in consts:
-            name, k = f"ln_decomposed_{kind}", 0
-            while name in taken:
-                k += 1
-                name = f"ln_decomposed_{kind}_{k}"
-            taken.add(name)
-            array = np.array(value, np.float32) if kind == "eps" else np.array([value], np.int64)
-            g.initializer.append(numpy_helper.from_array(array, name))
-            consts[key] = name
-        return consts[key]
-
-    def reduce_mean(x: str, y: str, name: str):
-        if opset >= 18:
-            return helper.make_node("ReduceMean", [x, const("axes", -1)], [y], keepdims=1, name=name)
-        return helper.make_node("ReduceMean", [x], [y], axes=[-1], keepdims=1, name=name)
-
+    if opset < 17:
+        return 0
+    used = set(_all_inputs(g)) | {o.name for o in g.output}
+    producers = {o: n.op_type for n in g.node for o in n.output}
     nodes, count, groups = [], 0, set()
     for node in g.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "LayerNormalization" and node.domain in ("", "ai.onnx"):
             ok = attrs.get("axis", -1) == -1 and attrs.get("stash_type", 1) == 1
             x, gamma, beta = node.input[0], node.input[1], node.input[2] if len(node.input) > 2 else ""
-            adds, eps = [], attrs.get("epsilon", 1e-5)
+            adds, eps, summed = [], attrs.get("epsilon", 1e-5), ""
         elif node.op_type == "SkipLayerNormalization" and node.domain == MS_DOMAIN:
             ok = True
             ins = list(node.input) + [""] * (5 - len(node.input))
             gamma, beta, bias = ins[2], ins[3], ins[4]
             eps = attrs.get("epsilon", 1e-12)
             summed = node.output[3] if len(node.output) > 3 and node.output[3] else ""
-            adds = [(ins[0], ins[1])] + ([("", bias)] if bias else [])
+            # The bias goes on the MatMul's side first, torch's order ((x @ W + b) + residual): in int8 that
+            # Add fuses into the quantized MatMul before it (DynamicQuantizeMatMul's bias input), 12 Adds fewer
+            # for MiniLM; fp32 outputs move by ~1e-7 (rounding order only).
+            main, skip = ins[0], ins[1]
+            if producers.get(skip) in MATMULS and producers.get(main) not in MATMULS:
+                main, skip = skip, main
+            adds = [(main, bias), ("", skip)] if bias else [(main, skip)]
             x = ""
         else:
             nodes.append(node)
@@ -137,84 +156,274 @@ def _decompose(model) -> int:
             nodes.append(node)
             continue
         # ONNX does not require unique node names: a repeated one gets a suffix, so that no two groups share
-        # tensor names (and recompose_layer_norms cannot merge them).
+        # tensor names.
         stem, k = node.name or node.output[0], 0
         while (stem if not k else f"{stem}_{k}") in groups:
             k += 1
         stem = stem if not k else f"{stem}_{k}"
         groups.add(stem)
-        base = stem + DECOMPOSED_LN_TAG
-
-        def t(suffix: str, base: str = base) -> str:
-            return base + suffix
-
-        out: list = []
+        base = stem + UNFUSED_LN_TAG
         for i, (a, b) in enumerate(adds):
-            last = i == len(adds) - 1
-            y = (summed or t("sum")) if last else t(f"sum{i}")
-            out.append(helper.make_node("Add", [a or x, b], [y], name=t(f"Add{i}")))
+            y = (summed or base + "sum") if i == len(adds) - 1 else base + f"sum{i}"
+            nodes.append(helper.make_node("Add", [a or x, b], [y], name=base + f"Add{i}"))
             x = y
-        out += [
-            reduce_mean(x, t("mean"), t("ReduceMean0")),
-            helper.make_node("Sub", [x, t("mean")], [t("centred")], name=t("Sub")),
-            helper.make_node("Mul", [t("centred"), t("centred")], [t("square")], name=t("Square")),
-            reduce_mean(t("square"), t("var"), t("ReduceMean1")),
-            helper.make_node("Add", [t("var"), const("eps", eps)], [t("var_eps")], name=t("AddEps")),
-            helper.make_node("Sqrt", [t("var_eps")], [t("std")], name=t("Sqrt")),
-            helper.make_node("Reciprocal", [t("std")], [t("inv_std")], name=t("Reciprocal")),
-            helper.make_node("Mul", [t("centred"), t("inv_std")], [t("normed")], name=t("Normalize")),
-            helper.make_node("Mul", [t("normed"), gamma], [t("scaled") if beta else node.output[0]], name=t("Scale")),
+        nodes += [
+            helper.make_node("Shape", [x], [base + "shape"], name=base + "Shape"),
+            helper.make_node("Flatten", [x], [base + "rows"], axis=-1, name=base + "Flatten"),
+            helper.make_node("LayerNormalization", [base + "rows", gamma] + ([beta] if beta else []),
+                             [base + "normed_rows"], axis=-1, epsilon=float(eps), name=base + "LayerNormalization"),
+            helper.make_node("Reshape", [base + "normed_rows", base + "shape"], [node.output[0]], name=base + "Reshape"),
         ]
-        if beta:
-            out.append(helper.make_node("Add", [t("scaled"), beta], [node.output[0]], name=t("Shift")))
-        nodes += out
         count += 1
     if count:
         del g.node[:]
         g.node.extend(nodes)
-        if not any(n.domain == MS_DOMAIN for n in g.node):
+        if MS_DOMAIN not in _domains(g):
             keep = [o for o in model.opset_import if o.domain != MS_DOMAIN]
             del model.opset_import[:]
             model.opset_import.extend(keep)
     return count
 
 
-def recompose_layer_norms(model) -> int:
-    """Undo ``decompose_layer_norms`` on a loaded ModelProto, in memory: each decomposed group becomes its Adds
-    plus one LayerNormalization again; the number of groups. For the float16 variant, whose converter would
-    otherwise cast around every node of every group (27 Casts per layer norm)."""
-    from onnx import helper, numpy_helper
+MASK_SKIP_TAG = "/mask_skip/"
+# onnxruntime's MultiHeadAttention on one thread of an AVX-512 Xeon (issue 15, session 12), [8, 128, 384] with 12
+# heads: 2.88 ms against 3.29 ms for the exported Reshape/Transpose/MatMul/Softmax chain without a mask (outputs
+# 6e-7 apart); with the mask as its attention_bias 4.09 ms against 3.82 ms. So it runs only where nothing is masked.
+ATTENTION_PERMS = {"q": [0, 2, 1, 3], "k": [0, 2, 3, 1], "v": [0, 2, 1, 3], "out": [0, 2, 1, 3]}
+
+
+def _shapes(g) -> dict[str, list | None]:
+    """Each value's inferred dims (an int, a symbol, or None where unknown), from the graph's value_info."""
+    out: dict[str, list | None] = {}
+    for v in list(g.value_info) + list(g.input) + list(g.output):
+        t = v.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+        out[v.name] = dims if t.HasField("shape") else None
+    return out
+
+
+def _broadcasts_into(small: list | None, big: list | None) -> bool:
+    """Whether a tensor of dims ``small`` added to one of dims ``big`` leaves the result ``big``'s shape."""
+    if small is None or big is None or len(small) > len(big) or any(b is None for b in big):
+        return False
+    return all(s == 1 or (s is not None and s == b) for s, b in zip(reversed(small), reversed(big)))
+
+
+def _all_inputs(g) -> list[str]:
+    """Every name the graph's nodes read, those of their subgraphs (If, Loop, Scan) included."""
+    from onnx import AttributeProto
+
+    names = []
+    for n in g.node:
+        names += list(n.input)
+        for a in n.attribute:
+            subs = [a.g] if a.type == AttributeProto.GRAPH else list(a.graphs) if a.type == AttributeProto.GRAPHS else []
+            for sub in subs:
+                names += _all_inputs(sub)
+    return names
+
+
+class _Graph:
+    """Lookups over a graph's top-level nodes for the attention rewrite."""
+
+    def __init__(self, g) -> None:
+        from onnx import numpy_helper
+
+        self.g = g
+        self.producer = {o: n for n in g.node for o in n.output}
+        self.consumer = {i: n for n in g.node for i in n.input}  # meaningful where only_reader() holds
+        self.readers: dict[str, int] = {}
+        for name in _all_inputs(g):
+            self.readers[name] = self.readers.get(name, 0) + 1
+        for o in g.output:
+            self.readers[o.name] = self.readers.get(o.name, 0) + 1  # a graph output is never an intermediate
+        self.shapes = _shapes(g)
+        self.consts = {i.name: numpy_helper.to_array(i) for i in g.initializer if len(i.dims) == 0}
+        for n in g.node:
+            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value" and not n.attribute[0].t.dims:
+                self.consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+        self.taken = ({o for n in g.node for o in n.output} | {i.name for i in g.initializer}
+                      | {i.name for i in g.input} | set(_all_inputs(g)))
+
+    def fresh(self, name: str) -> str:
+        k = 0
+        while (name if not k else f"{name}_{k}") in self.taken:
+            k += 1
+        name = name if not k else f"{name}_{k}"
+        self.taken.add(name)
+        return name
+
+    def only_reader(self, name: str) -> bool:
+        return self.readers.get(name, 0) == 1
+
+    def made_by(self, name: str, op: str, perm: list[int] | None = None):
+        """The node of type ``op`` (default domain) making ``name``, read once; with ``perm``, a Transpose's."""
+        node = self.producer.get(name)
+        return node if self.only_reader(name) and self._is(node, op, perm) else None
+
+    def read_by(self, name: str, op: str, perm: list[int] | None = None):
+        """The one node reading ``name``, where it is of type ``op`` (with ``perm``: a Transpose's)."""
+        node = self.consumer.get(name) if self.only_reader(name) else None
+        return node if self._is(node, op, perm) else None
+
+    @staticmethod
+    def _is(node, op: str, perm: list[int] | None) -> bool:
+        if node is None or node.op_type != op or node.domain not in ("", "ai.onnx"):
+            return False
+        if perm is not None:
+            from onnx import helper
+
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            return list(attrs.get("perm", [])) == perm
+        return True
+
+
+def _split_heads(gr: _Graph, name: str, perm: list[int]) -> tuple[object, object, str, int] | None:
+    """Transpose(Reshape(x [B, S, D] -> [B, S, N, D/N]), perm): (the Transpose, the Reshape, x, N)."""
+    tr = gr.made_by(name, "Transpose", perm)
+    rs = gr.made_by(tr.input[0], "Reshape") if tr is not None else None
+    if rs is None:
+        return None
+    x, split = gr.shapes.get(rs.input[0]), gr.shapes.get(rs.output[0])
+    if not x or not split or len(x) != 3 or len(split) != 4 or split[:2] != x[:2]:
+        return None
+    if not all(isinstance(d, int) and d > 0 for d in (x[2], split[2], split[3])) or split[2] * split[3] != x[2]:
+        return None
+    return tr, rs, rs.input[0], split[2]
+
+
+def _attention(gr: _Graph, softmax, add, scores: str) -> dict | None:
+    """The exported self-attention around ``softmax`` (``softmax(scale * Q K^T + mask) V``, heads split by
+    Reshape + Transpose and merged back): its nodes in order, Q/K/V as [B, S, D], heads, scale, output."""
+    scaled = gr.producer.get(scores)
+    if scaled is None or not gr.only_reader(scores):
+        return None
+    scale, mm = 1.0, scaled
+    if scaled.op_type in ("Mul", "Div") and scaled.domain in ("", "ai.onnx"):
+        const = [i for i in scaled.input if i in gr.consts and gr.consts[i].size == 1]
+        other = [i for i in scaled.input if i not in const]
+        if len(const) != 1 or len(other) != 1 or (scaled.op_type == "Div" and scaled.input[1] != const[0]):
+            return None
+        c = float(gr.consts[const[0]])
+        if not np.isfinite(c) or c == 0:
+            return None
+        scale = c if scaled.op_type == "Mul" else 1.0 / c
+        mm = gr.made_by(other[0], "MatMul")
+    elif mm.op_type != "MatMul":
+        return None
+    if mm is None or mm.op_type != "MatMul":
+        return None
+    q, k = _split_heads(gr, mm.input[0], ATTENTION_PERMS["q"]), _split_heads(gr, mm.input[1], ATTENTION_PERMS["k"])
+    pv = gr.read_by(softmax.output[0], "MatMul")
+    if q is None or k is None or pv is None or pv.input[0] != softmax.output[0]:
+        return None
+    v = _split_heads(gr, pv.input[1], ATTENTION_PERMS["v"])
+    tr_out = gr.read_by(pv.output[0], "Transpose", ATTENTION_PERMS["out"])
+    reshape_out = gr.read_by(tr_out.output[0], "Reshape") if tr_out is not None else None
+    if v is None or reshape_out is None or reshape_out.input[0] != tr_out.output[0]:
+        return None
+    out = reshape_out.output[0]
+    heads = q[3]
+    if k[3] != heads or v[3] != heads or gr.shapes.get(out) != gr.shapes.get(q[2]):
+        return None
+    axis = next((a.i for a in softmax.attribute if a.name == "axis"), -1)
+    if axis not in (-1, 3):
+        return None
+    chain = [q[1], q[0], k[1], k[0], v[1], v[0], mm] + ([scaled] if scaled is not mm else []) + [add, softmax, pv,
+                                                                                              tr_out, reshape_out]
+    return {"nodes": chain, "q": q[2], "k": k[2], "v": v[2], "heads": heads, "scale": scale, "out": out}
+
+
+def skip_zero_masks(model, fused_attention: bool = False) -> dict[str, int]:
+    """Each ``Softmax(Add(scores, mask))`` whose mask is computed (not a constant) and broadcasts into the
+    scores becomes ``If(mask is all zeros) then <unmasked> else <as exported>``, on a loaded ModelProto in
+    memory. Exact: x + 0 is x, and a mask with anything else in it (a padded position, -inf, NaN) takes the
+    exported branch. It is what transformers does in torch, which hands SDPA no mask when nothing is padded.
+    With ``fused_attention``, where the whole self-attention around the Softmax is the exported chain
+    (``_attention``), the unmasked branch is one onnxruntime MultiHeadAttention (a contrib op). The condition is
+    computed once per mask. Returns how many Softmaxes were rewritten and how many of them as attention."""
+    from onnx import TensorProto, helper
 
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    groups: dict[str, dict[str, object]] = {}
+    gr = _Graph(g)
+    constant = {i.name for i in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    elem = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) + list(g.output)}
+    conditions: dict[str, tuple[str, list]] = {}  # mask -> (its condition, the nodes computing it)
+    moved: set[int] = set()  # id() of top-level nodes that move into an If's exported branch
+    placed_at: dict[int, object] = {}  # id() of the node an If takes the place of -> the If
+    counts = {"masks_skipped": 0, "attention_fused": 0}
+    for node in list(g.node):
+        if node.op_type != "Softmax" or node.domain not in ("", "ai.onnx") or id(node) in moved:
+            continue
+        add = gr.producer.get(node.input[0])
+        if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2:
+            continue
+        if not gr.only_reader(add.output[0]) or elem.get(add.output[0], TensorProto.FLOAT) != TensorProto.FLOAT:
+            continue
+        scores, mask = add.input
+        if not _broadcasts_into(gr.shapes.get(mask), gr.shapes.get(scores)):
+            scores, mask = mask, scores
+        if mask in constant or not _broadcasts_into(gr.shapes.get(mask), gr.shapes.get(scores)):
+            continue
+        attention = _attention(gr, node, add, scores) if fused_attention else None
+        if attention is not None and any(id(n) in moved for n in attention["nodes"]):
+            attention = None
+        if mask not in conditions:
+            l1 = gr.fresh(mask + MASK_SKIP_TAG + "l1")
+            zero = gr.fresh(mask + MASK_SKIP_TAG + "zero")
+            cond = gr.fresh(mask + MASK_SKIP_TAG + "is_zero")
+            conditions[mask] = (cond, [
+                helper.make_node("ReduceL1", [mask], [l1], keepdims=0, name=l1),
+                helper.make_node("Constant", [], [zero], name=zero,
+                                 value=helper.make_tensor(zero, TensorProto.FLOAT, [], [0.0])),
+                helper.make_node("Equal", [l1, zero], [cond], name=cond),
+            ])
+        base = (node.name or node.output[0]) + MASK_SKIP_TAG
+        chain = attention["nodes"] if attention else [add, node]
+        out = chain[-1].output[0]
+        masked = [_copy(n) for n in chain]
+        masked_out = gr.fresh(base + "masked")
+        masked[-1].output[0] = masked_out
+        unmasked_out = gr.fresh(base + "unmasked")
+        if attention:
+            unmasked = helper.make_node("MultiHeadAttention", [attention["q"], attention["k"], attention["v"]],
+                                        [unmasked_out], domain=MS_DOMAIN, num_heads=attention["heads"],
+                                        scale=attention["scale"], name=base + "MultiHeadAttention")
+        else:
+            unmasked = helper.make_node("Softmax", [scores], [unmasked_out], name=base + "Softmax")
+            unmasked.attribute.extend(node.attribute)
+        branch = {"then": ([unmasked], unmasked_out), "else": (masked, masked_out)}
+        graphs = {k: helper.make_graph(nodes, base + k, [], [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)])
+                  for k, (nodes, o) in branch.items()}
+        moved.update(id(n) for n in chain)
+        placed_at[id(chain[-1])] = helper.make_node("If", [conditions[mask][0]], [out], name=base + "If",
+                                                    then_branch=graphs["then"], else_branch=graphs["else"])
+        counts["masks_skipped"] += 1
+        counts["attention_fused"] += attention is not None
+    if not conditions:
+        return counts
+    nodes, placed = [], set()
+    by_cond = {cond: mask for mask, (cond, _) in conditions.items()}
     for node in g.node:
-        if DECOMPOSED_LN_TAG in node.name:
-            base, part = node.name.split(DECOMPOSED_LN_TAG, 1)
-            groups.setdefault(base, {})[part] = node
-    nodes, done = [], set()
-    for node in g.node:
-        if DECOMPOSED_LN_TAG not in node.name:
+        new = placed_at.get(id(node))
+        if new is not None:
+            mask = by_cond[new.input[0]]
+            if mask not in placed:  # before the first If that reads it, after the mask is made
+                nodes += conditions[mask][1]
+                placed.add(mask)
+            nodes.append(new)
+        elif id(node) not in moved:
             nodes.append(node)
-            continue
-        base, part = node.name.split(DECOMPOSED_LN_TAG, 1)
-        if part.startswith("Add") and part != "AddEps":
-            nodes.append(node)  # the residual (and bias) Adds stay
-            continue
-        if base in done:
-            continue
-        done.add(base)
-        grp = groups[base]
-        scale, shift = grp["Scale"], grp.get("Shift")
-        eps = float(numpy_helper.to_array(inits[grp["AddEps"].input[1]]))
-        last = shift if shift is not None else scale
-        nodes.append(helper.make_node(
-            "LayerNormalization", [grp["ReduceMean0"].input[0], scale.input[1]] + ([shift.input[1]] if shift else []),
-            [last.output[0]], axis=-1, epsilon=eps, name=base))
     del g.node[:]
     g.node.extend(nodes)
-    used = {i for n in g.node for i in n.input}
-    keep = [t for t in g.initializer if t.name in used or not t.name.startswith("ln_decomposed_")]
-    del g.initializer[:]
-    g.initializer.extend(keep)  # the eps and axes constants only the decomposed nodes read
-    return len(done)
+    if counts["attention_fused"] and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return counts
+
+
+def _copy(node):
+    from onnx import NodeProto
+
+    c = NodeProto()
+    c.CopyFrom(node)
+    return c

@@ -92,13 +92,9 @@ def _fp16(src: Path, dst: Path, external: bool) -> None:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    from .fusions import recompose_layer_norms
-
-    # onnxruntime's converter (keep_io_types) works where onnxconverter-common's produced broken graphs.
+    # onnxruntime's converter (keep_io_types) works where onnxconverter-common's produced broken graphs. It
+    # converts the If branches of fusions.skip_zero_masks too.
     model = onnx.load(str(src))
-    # One LayerNormalization again: its float16 kernel accumulates in float32, where decomposed float16 ops
-    # would overflow on the square of a hidden state past 256.
-    recompose_layer_norms(model)
     model16 = convert_float_to_float16(model, keep_io_types=True)
     if external:
         onnx.save(model16, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,

@@ -68,14 +68,24 @@ def test_onnx_graph_has_dynamic_axes_and_onnxruntime_fusions(factory):
     out, _ = factory.bundle("bert", "text-classification")
     model = onnx.load(str(out / "onnx/model.onnx"))
     fused = {n.op_type for n in model.graph.node if n.domain == "com.microsoft"}
-    # 2 layers of a tiny bert, each fully fused; the SkipLayerNormalizations then written out as primitive ops
+    # 2 layers of a tiny bert, each fully fused; the SkipLayerNormalizations then unfused (fusions.py)
     assert fused == {"BiasGelu"}, fused
     assert {n.domain for n in model.graph.node} == {"", "com.microsoft"}
-    for variant, layer_norms in [("model.onnx", 0), ("model_quantized.onnx", 0), ("model_fp16.onnx", 5)]:
-        ops = [n.op_type for n in onnx.load(str(out / "onnx" / variant)).graph.node]
-        assert ops.count("LayerNormalization") == layer_norms and "SkipLayerNormalization" not in ops, variant
+    for variant in ("model.onnx", "model_quantized.onnx", "model_fp16.onnx"):
+        graph = onnx.load(str(out / "onnx" / variant)).graph
+        ops = [n.op_type for n in graph.node]
+        # 5 layer norms (embeddings, 2 per layer), each one LayerNormalization on a 2-D view
+        assert ops.count("LayerNormalization") == 5 == ops.count("Flatten"), variant
+        assert "SkipLayerNormalization" not in ops, variant
         # int8: each BiasGelu's bias moves into the quantized MatMul before it, and Gelu runs alone
         assert (ops.count("BiasGelu"), ops.count("Gelu")) == ((0, 2) if "quantized" in variant else (2, 0)), variant
+        # Each layer's attention: If(mask all zeros) then MultiHeadAttention else the exported chain.
+        ifs = [n for n in graph.node if n.op_type == "If"]
+        assert len(ifs) == 2 and "Softmax" not in ops, variant
+        for node in ifs:
+            then, other = (next(a.g for a in node.attribute if a.name == k) for k in ("then_branch", "else_branch"))
+            assert [n.op_type for n in then.node] == ["MultiHeadAttention"], variant
+            assert {"Softmax", "MatMul", "Add"} <= {n.op_type for n in other.node}, variant
     assert json.loads((out / "manifest.json").read_text())["onnxruntime_fusions"] is True
     for inp in model.graph.input:
         dims = [d.dim_param for d in inp.type.tensor_type.shape.dim]
@@ -262,7 +272,7 @@ def test_fusions_keep_stdout_for_the_cli_results(factory, tmp_path, monkeypatch,
         return real(*args, **kwargs)
 
     monkeypatch.setattr(optimizer, "optimize_model", noisy)
-    # Exported without onnxruntime's fusions: the graph as the optimizer sees it, layer norms not decomposed.
+    # Exported without onnxruntime's fusions: the graph as the optimizer sees it, layer norms as exported.
     plain = tmp_path / "plain"
     run_pipeline(ExportSpec(adapter=factory.adapter("bert", "text-classification"), out=plain, quantize=(),
                             ort_fusions=False))
