@@ -154,11 +154,14 @@ def cli() -> None:
                    "builds) with onnx/required_operators_and_types.config for a minimal build; each .ort file is "
                    "verified like its .onnx (merged bundles).")
 @click.option("--no-ort-fusions", is_flag=True,
-              help="Encoders: keep every graph as exported, in standard ONNX operators, for runtimes other than "
-                   "onnxruntime. Default: tuned for onnxruntime's CPU kernels, on the fp32 graph, which int8 and "
-                   "fp16 inherit: its transformer fusions (BiasGelu, a contrib op), layer norms kept out of its slow "
-                   "fused kernel, and attention as one MultiHeadAttention (a contrib op) where nothing is padded "
-                   "(MiniLM int8 0.31x torch instead of 0.42x at b8 s128, docs/performance.md).")
+              help="Keep the fp32 graph as torch exports it, in standard ONNX operators, for runtimes other than "
+                   "onnxruntime (decoder int8/int4 still use MatMulNBits). Default: tuned for onnxruntime's CPU "
+                   "kernels, on the fp32 graph the other variants are made from. Encoders: its transformer fusions "
+                   "(BiasGelu), layer norms kept out of its slow fused kernel, attention as one MultiHeadAttention "
+                   "where nothing is padded (MiniLM int8 0.31x torch instead of 0.42x at b8 s128). Llama, Qwen2 "
+                   "and Mistral without sliding windows: written from the merged weights with GroupQueryAttention, "
+                   "RotaryEmbedding and SkipSimplifiedLayerNormalization, needing onnxruntime >= 1.32 (SmolLM2 int4 "
+                   "decode 0.25x torch instead of 0.35x). All are contrib ops; docs/performance.md.")
 @click.option("--sign", "sign", type=click.Path(path_type=Path), default=None, metavar="KEY.pem",
               help="Sign the bundle with this Ed25519 private key (export-adapter keygen): writes manifest.json.sig, "
                    "which verify --trusted-key checks. An encrypted key reads its password from "

@@ -3,6 +3,7 @@ adapter effect, manifest fields and the task metric's prompts."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +14,18 @@ from .parity import output_rows
 from .tasks import TaskSpec
 from .tolerances import required_effect
 
+log = logging.getLogger(__name__)
+
 
 class DecoderBuild(FamilyBuild):
     """A causal LM exported with a KV cache; its reference is the prompt logits and greedy continuations."""
 
     family = "decoder"
 
-    def __init__(self, task: TaskSpec, dio=None) -> None:
+    def __init__(self, task: TaskSpec, dio=None, fused_graph: bool = False) -> None:
         super().__init__(task)
         self.dio = dio
+        self.fused_graph = fused_graph  # decoder_graph.py where the model allows it (set by export)
         self.names = ("input_ids", "attention_mask")
         self.prompts = None  # tokenizer_files.DecoderPrompts
         self.max_new_tokens = 0
@@ -29,7 +33,7 @@ class DecoderBuild(FamilyBuild):
 
     @classmethod
     def for_export(cls, ctx: BuildContext) -> DecoderBuild:
-        return cls(ctx.task)
+        return cls(ctx.task, fused_graph=ctx.arch.fused_graph and ctx.spec.ort_fusions)
 
     @classmethod
     def from_bundle(cls, task: TaskSpec, manifest: dict[str, Any], probes: dict, inputs: Arrays) -> DecoderBuild:
@@ -124,6 +128,14 @@ class DecoderBuild(FamilyBuild):
     def export(self, model, path: Path, opset: int):
         from .decoder import export_decoder
 
+        if self.fused_graph:
+            from .decoder_graph import export_fused_decoder, unsupported_reason
+
+            reason = unsupported_reason(model)
+            if reason is None:
+                return export_fused_decoder(model, self.dio, path, opset)
+            log.info("tracing the decoder: the fused graph does not cover this model (%s)", reason)
+            self.fused_graph = False
         wrapper = self.wrap(model)
         return export_decoder(wrapper, self.dio, path, opset)
 
@@ -151,7 +163,13 @@ class DecoderBuild(FamilyBuild):
         if isinstance(chat_template, str):
             check_chat_template(chat_template, tok)
         dio, p = self.dio, self.prompts
+        fused = {}
+        if self.fused_graph:
+            from .decoder_graph import MIN_ONNXRUNTIME
+
+            fused = {"min_onnxruntime": MIN_ONNXRUNTIME}
         return {
+            **fused,
             "family": "decoder",
             "labels": None,
             "decoder": dio.to_json(),

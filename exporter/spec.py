@@ -38,7 +38,9 @@ class ExportSpec:
     int8_weights: str = "auto"
     no_tokenizer: bool = False  # export a base that ships no tokenizer; probes are synthetic token ids
     ort_format: bool = False  # every variant also as an .ort file (ort_format.py), verified like the .onnx
-    ort_fusions: bool = True  # encoders: onnxruntime's transformer fusions on the fp32 graph (fusions.py)
+    # The fp32 graph tuned for onnxruntime: encoders' fusions (fusions.py), Llama-family decoders written with its
+    # fused decoder ops (decoder_graph.py); False: as torch exports it, standard ONNX.
+    ort_fusions: bool = True
     training: dict[str, Any] | None = field(default=None, repr=False)  # from `run`: fine-tuning summary
     # --keep-adapters: (name, folder) of every adapter; the graph keeps LoRA as inputs, adapters become
     # adapters/NAME.onnx_adapter files. ``adapter`` is then the first of them.

@@ -185,12 +185,15 @@ TASKS["text-generation"] = TEXT_GENERATION
 class DecoderArchSpec:
     model_type: str
     default_lora_targets: tuple[str, ...]
+    # Written as decoder_graph.py's fused graph (onnxruntime's GroupQueryAttention, RotaryEmbedding and
+    # SkipSimplifiedLayerNormalization) where the model has nothing it does not cover; else traced.
+    fused_graph: bool = False
 
 
 DECODER_ARCHITECTURES: dict[str, DecoderArchSpec] = {
-    "llama": DecoderArchSpec("llama", ("q_proj", "v_proj")),
-    "mistral": DecoderArchSpec("mistral", ("q_proj", "v_proj")),
-    "qwen2": DecoderArchSpec("qwen2", ("q_proj", "v_proj")),
+    "llama": DecoderArchSpec("llama", ("q_proj", "v_proj"), fused_graph=True),
+    "mistral": DecoderArchSpec("mistral", ("q_proj", "v_proj"), fused_graph=True),
+    "qwen2": DecoderArchSpec("qwen2", ("q_proj", "v_proj"), fused_graph=True),
     "qwen3": DecoderArchSpec("qwen3", ("q_proj", "v_proj")),
     "phi3": DecoderArchSpec("phi3", ("qkv_proj",)),  # fused q/k/v projection
     "gemma": DecoderArchSpec("gemma", ("q_proj", "v_proj")),

@@ -93,16 +93,19 @@ def test_quantized_decoder_has_one_copy_of_the_tied_embedding(smol):
         assert not [t for t in g.initializer if t.name == "model.embed_tokens.weight"], name
         levels = {a.i for n in g.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
         assert levels == {4}, levels
-    # int4 keeps the modules the adapter changed (q_proj, v_proj) and the lm_head at 8 bits, the rest at 4.
+    # int4 keeps the modules the adapter changed (q_proj, v_proj) and the lm_head at 8 bits, the rest at 4. The
+    # fused graph packs q/k/v into one MatMul (".../q_proj+k_proj+v_proj/MatMul"), so k_proj goes with them.
     g = onnx.load(str(out / "onnx/model_q4.onnx"), load_external_data=False).graph
     bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in g.node if n.op_type == "MatMulNBits"}
-    by_module = {}
+    by_module: dict[str, set[int]] = {}
     for name, b in bits.items():
-        module = next((m for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-                       if f"/{m}/" in name), "lm_head")
-        by_module.setdefault(module, set()).add(b)
-    assert by_module == {"q_proj": {8}, "v_proj": {8}, "lm_head": {8}, "k_proj": {4}, "o_proj": {4},
+        parts = {p for seg in name.split("/") for p in seg.split("+")}
+        found = [m for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj") if m in parts]
+        for module in found or ["lm_head"]:
+            by_module.setdefault(module, set()).add(b)
+    assert by_module == {"q_proj": {8}, "k_proj": {8}, "v_proj": {8}, "lm_head": {8}, "o_proj": {4},
                          "gate_proj": {4}, "up_proj": {4}, "down_proj": {4}}, by_module
+    assert len(bits) == 30 * 4 + 1  # q/k/v, o, gate/up, down per layer, and the lm_head
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["variants"]["int4"]["modules_8bit"] == ["q_proj", "v_proj"]
 

@@ -1,0 +1,121 @@
+"""exporter/decoder_graph.py: Llama-family decoders written as onnxruntime's fused decoder ops compute what the
+PyTorch model does, left-padded batches and KV-cache steps included, and the exporter falls back to the traced
+graph wherever the fused one does not apply."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+
+def _model(factory, arch: str, **config):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = factory.decoder_base(arch)
+    cfg = AutoConfig.from_pretrained(base)
+    for k, v in config.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # no weight left at its init value (biases are zeros), so a wrong wire shows
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _ops(path) -> list[str]:
+    import onnx
+
+    return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+
+
+def _left_padded_steps(session_step, torch_step, dio, vocab: int, steps: int = 3):
+    """Max |logits difference| over a left-padded prefill (2 rows, one padded by 5) and ``steps`` decode steps."""
+    from exporter.generation import next_feeds, prefill_feeds
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, vocab, (2, 12))
+    mask = np.ones_like(ids)
+    mask[1, :5] = 0
+    feeds = {"onnx": prefill_feeds(dio, ids, mask), "torch": prefill_feeds(dio, ids, mask)}
+    worst = 0.0
+    for step in range(steps + 1):
+        got, want = session_step(feeds["onnx"]), torch_step(feeds["torch"])
+        valid = feeds["onnx"]["attention_mask"][:, -got["logits"].shape[1]:].astype(bool)
+        worst = max(worst, float(np.abs(got["logits"] - want["logits"])[valid].max()))
+        if step < steps:
+            token = np.array([7 + step, 11 + step])
+            feeds = {"onnx": next_feeds(dio, feeds["onnx"], got, token),
+                     "torch": next_feeds(dio, feeds["torch"], want, token)}
+    return worst
+
+
+@pytest.mark.parametrize("arch, config, opset", [
+    ("llama", {}, 20),
+    ("llama", {"tie_word_embeddings": True}, 17),  # tied lm_head; ReduceMean's axes attribute
+    ("qwen2", {}, 20),  # q/k/v biases
+    ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}, 20),  # rope scaling from the model's tables
+], ids=["llama", "llama-tied-opset17", "qwen2-qkv-bias", "llama-linear-rope"])
+def test_fused_graph_equals_pytorch_on_left_padded_batches_and_cache_steps(factory, tmp_path, arch, config, opset):
+    import onnxruntime as ort
+
+    from exporter.decoder import decoder_io, make_decoder_wrapper, torch_step
+    from exporter.decoder_graph import export_fused_decoder, unsupported_reason
+
+    model = _model(factory, arch, **config)
+    if config.get("tie_word_embeddings"):
+        model.tie_weights()
+    assert unsupported_reason(model) is None
+    dio = decoder_io(model)
+    path = tmp_path / "model.onnx"
+    export_fused_decoder(model, dio, path, opset)
+    ops = _ops(path)
+    layers = model.config.num_hidden_layers
+    assert ops.count("GroupQueryAttention") == layers and ops.count("RotaryEmbedding") == 2 * layers, ops
+    assert "Softmax" not in ops and ops.count("MatMul") == 4 * layers + 1  # q/k/v, o, gate/up, down; lm_head
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+
+    def step(feeds):
+        return dict(zip(names, session.run(None, feeds)))
+
+    worst = _left_padded_steps(step, torch_step(make_decoder_wrapper(model, dio), dio), dio, model.config.vocab_size)
+    # float32 kernels in another order than torch's, on logits of magnitude ~1-5 (random weights).
+    assert worst < 1e-4, worst
+
+
+def test_llama_bundles_carry_the_fused_graph_and_say_what_onnxruntime_it_needs(factory):
+    from exporter.decoder_graph import MIN_ONNXRUNTIME
+
+    out, report = factory.decoder_bundle("llama")
+    assert report.passed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["min_onnxruntime"] == MIN_ONNXRUNTIME and manifest["onnxruntime_fusions"] is True
+    for variant in manifest["variants"].values():
+        ops = _ops(out / variant["file"])
+        assert ops.count("GroupQueryAttention") == 2, (variant["file"], ops)
+
+
+def test_models_the_fused_graph_does_not_cover_are_traced(factory, tmp_path):
+    from exporter.decoder_graph import unsupported_reason
+    from exporter.onnx_export import MIN_ORT_FOR_OPSET
+    from exporter.pipeline import ExportSpec, run_pipeline
+
+    # Mistral's tiny config has sliding-window attention; dynamic rope changes its tables with the length.
+    assert "sliding-window" in unsupported_reason(_model(factory, "mistral"))
+    dynamic = _model(factory, "llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    assert "dynamic rotary" in unsupported_reason(dynamic)
+    out, report = factory.decoder_bundle("mistral")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert report.passed and "GroupQueryAttention" not in _ops(out / "onnx/model.onnx")
+    assert manifest["min_onnxruntime"] == MIN_ORT_FOR_OPSET[manifest["opset"]]
+    # --no-ort-fusions: the traced graph, standard ONNX in fp32, for runtimes other than onnxruntime.
+    plain = tmp_path / "plain"
+    report = run_pipeline(ExportSpec(adapter=factory.decoder_adapter("llama"), out=plain, quantize=("int4",),
+                                     ort_fusions=False))
+    assert report.passed
+    assert {"GroupQueryAttention", "RotaryEmbedding"}.isdisjoint(_ops(plain / "onnx/model.onnx"))
+    assert json.loads((plain / "manifest.json").read_text())["onnxruntime_fusions"] is False
