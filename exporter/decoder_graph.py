@@ -214,6 +214,9 @@ def export_fused_decoder(model, dio: DecoderIO, path: Path, opset: int) -> OnnxA
     model_proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
                                                           helper.make_opsetid(MS_DOMAIN, 1)],
                                     producer_name="export-adapter")
+    # The oldest IR the opsets allow, not the onnx package's newest: consumers pin older runtimes (transformers.js'
+    # onnxruntime-node refused IR 14, "max supported IR version: 13").
+    model_proto.ir_version = helper.find_min_ir_version_for(list(model_proto.opset_import), ignore_unknown=True)
     if sum(t.ByteSize() for t in inits) > EXTERNAL_DATA_THRESHOLD:
         onnx.save(model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                   location=path.name + ".data")
