@@ -160,7 +160,7 @@ def cli() -> None:
                    "(BiasGelu), layer norms kept out of its slow fused kernel, attention as one MultiHeadAttention "
                    "where nothing is padded (MiniLM int8 0.31x torch instead of 0.42x at b8 s128). Llama, Qwen2 "
                    "and Mistral without sliding windows: written from the merged weights with GroupQueryAttention, "
-                   "RotaryEmbedding and SkipSimplifiedLayerNormalization, needing onnxruntime >= 1.32 (SmolLM2 int4 "
+                   "RotaryEmbedding and SkipSimplifiedLayerNormalization, needing onnxruntime >= 1.22 (SmolLM2 int4 "
                    "decode 0.25x torch instead of 0.35x). All are contrib ops; docs/performance.md.")
 @click.option("--sign", "sign", type=click.Path(path_type=Path), default=None, metavar="KEY.pem",
               help="Sign the bundle with this Ed25519 private key (export-adapter keygen): writes manifest.json.sig, "
