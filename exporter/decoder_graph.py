@@ -16,6 +16,12 @@ positions; measured on a left-padded batch, the padded row's logits were off by 
 So rotary runs outside it (RotaryEmbedding on ``position_ids``), every row's ``seqlens_k`` is the full length, and
 the causal and padding mask goes in as ``attention_bias`` (the traced graph's semantics): the same left-padded
 prefill and three decode steps then matched the traced graph within 8e-5.
+
+Two limits the traced graph does not have, both outside what ``generate``, optimum, transformers.js and
+onnxruntime-genai do with a bundle (a prefill, then one token per step): GroupQueryAttention refuses a step of
+several tokens onto a past with batch > 1 ("batch_size must be 1 when sequence_length > 1 and past context is
+given"), and positions past the rotary table (max_position_embeddings, the manifest's context_length) fail
+rather than extrapolate.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ MS_DOMAIN = "com.microsoft"
 # match the traced graph within 2.1e-4 on SmolLM2's logits (1.32.0: 6.5e-5), left-padded prefill and three
 # decode steps (issue 15, session 12); 1.21 was not tried.
 MIN_ONNXRUNTIME = "1.22"
+# Rotary types whose cos/sin depend on the position alone (modeling_rope_utils), so one table covers them.
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 
 
 def unsupported_reason(model) -> str | None:
@@ -45,8 +53,11 @@ def unsupported_reason(model) -> str | None:
         return f"activation {getattr(cfg, 'hidden_act', None)!r}, not silu"
     if getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True):
         return "sliding-window attention"
-    if getattr(core.rotary_emb, "rope_type", "default") == "dynamic":
-        return "dynamic rotary scaling (its frequencies change with the sequence length)"
+    rope = getattr(core.rotary_emb, "rope_type", "default")
+    if rope not in STATIC_ROPE:
+        # dynamic, longrope...: transformers recomputes their frequencies from the sequence length, which one
+        # table for every position cannot follow (longrope measured 0.085 off on a 16-position original context).
+        return f"rotary scaling {rope!r} (only {', '.join(STATIC_ROPE)} have one table for every position)"
     lm_head = getattr(model, "lm_head", None)
     if lm_head is None or getattr(lm_head, "bias", None) is not None:
         return "no plain lm_head"
@@ -208,7 +219,7 @@ def export_fused_decoder(model, dio: DecoderIO, path: Path, opset: int) -> OnnxA
               helper.make_tensor_value_info("attention_mask", i64, [b, "total_sequence"]),
               helper.make_tensor_value_info("position_ids", i64, [b, "sequence"])]
     inputs += [helper.make_tensor_value_info(n, f32, [b, kv_heads, "past_sequence", head_dim]) for n in dio.past_names]
-    outputs = [helper.make_tensor_value_info("logits", f32, [b, "sequence", int(embed.shape[0])])]
+    outputs = [helper.make_tensor_value_info("logits", f32, [b, "sequence", int(model.lm_head.out_features)])]
     outputs += [helper.make_tensor_value_info(n, f32, [b, kv_heads, "total_sequence", head_dim])
                 for n in dio.present_names]
     graph = helper.make_graph(nodes, "decoder", inputs, outputs, inits)

@@ -25,7 +25,8 @@ class DecoderBuild(FamilyBuild):
     def __init__(self, task: TaskSpec, dio=None, fused_graph: bool = False) -> None:
         super().__init__(task)
         self.dio = dio
-        self.fused_graph = fused_graph  # decoder_graph.py where the model allows it (set by export)
+        self.fused_graph = fused_graph  # try decoder_graph.py where the model allows it
+        self.min_ort: str | None = None  # what the graph written needs beyond its opset (set by export)
         self.names = ("input_ids", "attention_mask")
         self.prompts = None  # tokenizer_files.DecoderPrompts
         self.max_new_tokens = 0
@@ -128,14 +129,17 @@ class DecoderBuild(FamilyBuild):
     def export(self, model, path: Path, opset: int):
         from .decoder import export_decoder
 
+        self.min_ort = None
         if self.fused_graph:
-            from .decoder_graph import export_fused_decoder, unsupported_reason
+            from .decoder_graph import MIN_ONNXRUNTIME, export_fused_decoder, unsupported_reason
+            from .onnx_export import min_onnxruntime
 
             reason = unsupported_reason(model)
             if reason is None:
-                return export_fused_decoder(model, self.dio, path, opset)
+                art = export_fused_decoder(model, self.dio, path, opset)
+                self.min_ort = min_onnxruntime(opset, MIN_ONNXRUNTIME)
+                return art
             log.info("tracing the decoder: the fused graph does not cover this model (%s)", reason)
-            self.fused_graph = False
         wrapper = self.wrap(model)
         return export_decoder(wrapper, self.dio, path, opset)
 
@@ -143,6 +147,7 @@ class DecoderBuild(FamilyBuild):
         from .decoder import decoder_example
         from .swap_export import export_swappable, make_swappable
 
+        self.min_ort = None  # traced: the adapter interface needs the traced graph's LoRA inputs
         wrapper = make_swappable(self.wrap(model), len(self.dio.input_names), interface)
         example, shapes = decoder_example(self.dio)
         return export_swappable(wrapper, model, interface, example, shapes, self.dio.input_names,
@@ -163,13 +168,8 @@ class DecoderBuild(FamilyBuild):
         if isinstance(chat_template, str):
             check_chat_template(chat_template, tok)
         dio, p = self.dio, self.prompts
-        fused = {}
-        if self.fused_graph:
-            from .decoder_graph import MIN_ONNXRUNTIME
-
-            fused = {"min_onnxruntime": MIN_ONNXRUNTIME}
         return {
-            **fused,
+            **({"min_onnxruntime": self.min_ort} if self.min_ort else {}),
             "family": "decoder",
             "labels": None,
             "decoder": dio.to_json(),

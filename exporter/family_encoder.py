@@ -30,6 +30,7 @@ class EncoderBuild(FamilyBuild):
         self.pooling = pooling
         self.ort_fusion = ort_fusion
         self.tune = tune
+        self.min_ort: str | None = None  # what the graph written needs beyond its opset (set by export)
         self.infos = [OutputInfo(o.name, "sequence" in o.axes, o.is_logits) for o in task.outputs]
         self.output_names = tuple(i.name for i in self.infos)
         self.texts = None  # probes.ProbeTexts (None: synthetic ids)
@@ -126,10 +127,14 @@ class EncoderBuild(FamilyBuild):
     # --- ONNX ------------------------------------------------------------------------------------------------
 
     def export(self, model, path: Path, opset: int):
-        from .onnx_export import example_feeds, export_onnx
+        from .fusions import ATTENTION_MIN_ONNXRUNTIME, op_types
+        from .onnx_export import example_feeds, export_onnx, min_onnxruntime
 
-        art = export_onnx(self.wrap(model), example_feeds(self.feeds[-1]), path, self.task, opset)
-        return self._tune_for_ort(art, self.ort_fusion)
+        art = self._tune_for_ort(export_onnx(self.wrap(model), example_feeds(self.feeds[-1]), path, self.task, opset),
+                                 self.ort_fusion)
+        fused = "MultiHeadAttention" in op_types(art.path)
+        self.min_ort = min_onnxruntime(opset, ATTENTION_MIN_ONNXRUNTIME) if fused else None
+        return art
 
     def _tune_for_ort(self, art, fusion: str | None):
         """onnxruntime's fusions (``fusion``: its model_type) and fusions.tune_for_cpu, in one load and save of
@@ -153,6 +158,7 @@ class EncoderBuild(FamilyBuild):
         from .onnx_export import BATCH_AXIS, example_feeds
         from .swap_export import export_swappable, make_swappable
 
+        self.min_ort = None  # swappable graphs get no MultiHeadAttention (standard ONNX but for fusions' If)
         wrapper = make_swappable(self.wrap(model), len(self.names), interface)
         example = example_feeds(self.feeds[-1])
         batch, seq = torch.export.Dim(BATCH_AXIS), torch.export.Dim("sequence")
@@ -168,6 +174,7 @@ class EncoderBuild(FamilyBuild):
     def manifest_fields(self, labels, tok, pad_source: str | None) -> dict[str, Any]:
         """The manifest's description of an encoder graph: labels, inputs, outputs, pooling, tokenizer."""
         return {
+            **({"min_onnxruntime": self.min_ort} if self.min_ort else {}),
             "labels": list(labels) if labels else None,
             "inputs": [{"name": n, "dtype": "int64", "axes": ["batch", "sequence"]} for n in self.names],
             "outputs": [{"name": o.name, "dtype": "float32", "axes": list(o.axes), "is_logits": o.is_logits}

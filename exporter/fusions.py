@@ -34,6 +34,10 @@ import numpy as np
 from .errors import ExporterError
 
 MS_DOMAIN = "com.microsoft"
+# Encoder graphs whose attention became MultiHeadAttention (its `scale` attribute, inside an If): onnxruntime 1.20.1
+# and 1.32.0 run MiniLM's within 3.4e-6 of each other (issue 15, session 12). 1.17-1.19 were not tried (their
+# wheels need numpy 1), so bundles with it ask for 1.20 rather than their opset's minimum.
+ATTENTION_MIN_ONNXRUNTIME = "1.20"
 # Marks the nodes a rewritten layer norm becomes.
 UNFUSED_LN_TAG = "/ln_unfused/"
 MATMULS = ("MatMul", "Gemm", "FusedMatMul")
@@ -79,16 +83,28 @@ def uses_contrib_ops(path: Path) -> bool:
     return MS_DOMAIN in _domains(onnx.load(str(path), load_external_data=False).graph)
 
 
-def _domains(g) -> set[str]:
+def op_types(path: Path) -> set[str]:
+    """The op types of the graph at ``path``, its subgraphs' included."""
+    import onnx
+
+    return {op for _, op in _ops(onnx.load(str(path), load_external_data=False).graph)}
+
+
+def _ops(g) -> set[tuple[str, str]]:
+    """(domain, op type) of every node of ``g`` and of its subgraphs (If, Loop, Scan)."""
     from onnx import AttributeProto
 
     out = set()
     for n in g.node:
-        out.add(n.domain)
+        out.add((n.domain, n.op_type))
         for a in n.attribute:
             for sub in [a.g] if a.type == AttributeProto.GRAPH else list(a.graphs):
-                out |= _domains(sub)
+                out |= _ops(sub)
     return out
+
+
+def _domains(g) -> set[str]:
+    return {domain for domain, _ in _ops(g)}
 
 
 def tune_file_for_cpu(path: Path, fused_attention: bool = False) -> dict[str, int]:
@@ -172,7 +188,9 @@ def unfuse_layer_norms(model) -> int:
             helper.make_node("Flatten", [x], [base + "rows"], axis=-1, name=base + "Flatten"),
             helper.make_node("LayerNormalization", [base + "rows", gamma] + ([beta] if beta else []),
                              [base + "normed_rows"], axis=-1, epsilon=float(eps), name=base + "LayerNormalization"),
-            helper.make_node("Reshape", [base + "normed_rows", base + "shape"], [node.output[0]], name=base + "Reshape"),
+            # allowzero: the shape is the input's own, so a 0 in it is a length, not "copy this dim"
+            helper.make_node("Reshape", [base + "normed_rows", base + "shape"], [node.output[0]], name=base + "Reshape",
+                             allowzero=1),
         ]
         count += 1
     if count:
@@ -226,10 +244,10 @@ def _all_inputs(g) -> list[str]:
 class _Graph:
     """Lookups over a graph's top-level nodes for the attention rewrite."""
 
-    def __init__(self, g) -> None:
+    def __init__(self, model) -> None:
         from onnx import numpy_helper
 
-        self.g = g
+        g = self.g = model.graph
         self.producer = {o: n for n in g.node for o in n.output}
         self.consumer = {i: n for n in g.node for i in n.input}  # meaningful where only_reader() holds
         self.readers: dict[str, int] = {}
@@ -238,6 +256,7 @@ class _Graph:
         for o in g.output:
             self.readers[o.name] = self.readers.get(o.name, 0) + 1  # a graph output is never an intermediate
         self.shapes = _shapes(g)
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         self.consts = {i.name: numpy_helper.to_array(i) for i in g.initializer if len(i.dims) == 0}
         for n in g.node:
             if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value" and not n.attribute[0].t.dims:
@@ -326,8 +345,8 @@ def _attention(gr: _Graph, softmax, add, scores: str) -> dict | None:
     heads = q[3]
     if k[3] != heads or v[3] != heads or gr.shapes.get(out) != gr.shapes.get(q[2]):
         return None
-    axis = next((a.i for a in softmax.attribute if a.name == "axis"), -1)
-    if axis not in (-1, 3):
+    axis = next((a.i for a in softmax.attribute if a.name == "axis"), None)
+    if axis not in (-1, 3) and not (axis is None and gr.opset >= 13):  # before 13 the default was 1, flattened
         return None
     chain = [q[1], q[0], k[1], k[0], v[1], v[0], mm] + ([scaled] if scaled is not mm else []) + [add, softmax, pv,
                                                                                               tr_out, reshape_out]
@@ -345,7 +364,7 @@ def skip_zero_masks(model, fused_attention: bool = False) -> dict[str, int]:
     from onnx import TensorProto, helper
 
     g = model.graph
-    gr = _Graph(g)
+    gr = _Graph(model)
     constant = {i.name for i in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
     elem = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) + list(g.output)}
     conditions: dict[str, tuple[str, list]] = {}  # mask -> (its condition, the nodes computing it)
@@ -358,10 +377,14 @@ def skip_zero_masks(model, fused_attention: bool = False) -> dict[str, int]:
         add = gr.producer.get(node.input[0])
         if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2:
             continue
-        if not gr.only_reader(add.output[0]) or elem.get(add.output[0], TensorProto.FLOAT) != TensorProto.FLOAT:
+        if not gr.only_reader(add.output[0]) or elem.get(add.output[0]) != TensorProto.FLOAT:
             continue
         scores, mask = add.input
-        if not _broadcasts_into(gr.shapes.get(mask), gr.shapes.get(scores)):
+        # The mask is the side that broadcasts into the other; where both do (a mask as big as the scores),
+        # the scores are the side a MatMul (or its scaling) makes.
+        made_by_matmul = gr.producer.get(mask) is not None and gr.producer[mask].op_type in (*MATMULS, "Mul", "Div")
+        if not _broadcasts_into(gr.shapes.get(mask), gr.shapes.get(scores)) or (
+                made_by_matmul and _broadcasts_into(gr.shapes.get(scores), gr.shapes.get(mask))):
             scores, mask = mask, scores
         if mask in constant or not _broadcasts_into(gr.shapes.get(mask), gr.shapes.get(scores)):
             continue

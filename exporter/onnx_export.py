@@ -31,6 +31,11 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 MIN_ORT_FOR_OPSET = {17: "1.14", 18: "1.16", 19: "1.17", 20: "1.17", 21: "1.20", 22: "1.20", 23: "1.22"}
 
 
+def min_onnxruntime(opset: int, *needs: str) -> str:
+    """The oldest onnxruntime that runs a graph of ``opset`` whose ops also need each of ``needs``."""
+    return max((MIN_ORT_FOR_OPSET[opset], *needs), key=lambda v: tuple(int(x) for x in v.split(".")))
+
+
 @dataclass(frozen=True)
 class OnnxArtifact:
     variant: str

@@ -78,6 +78,9 @@ def test_fused_graph_equals_pytorch_on_left_padded_batches_and_cache_steps(facto
     assert "Softmax" not in ops and ops.count("MatMul") == 4 * layers + 1  # q/k/v, o, gate/up, down; lm_head
     import onnx
 
+    inits = {t.name for t in onnx.load(str(path), load_external_data=False).graph.initializer}
+    # A tied lm_head multiplies by the embedding table itself (one copy, which int4 quantizes once).
+    assert ("Transpose" in ops and "lm_head.weight" not in inits) == bool(config.get("tie_word_embeddings")), ops
     # The IR the traced graphs have for this opset, which older runtimes (transformers.js' onnxruntime-node) load.
     assert onnx.load(str(path), load_external_data=False).ir_version == {17: 8, 20: 9}[opset]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -110,8 +113,10 @@ def test_models_the_fused_graph_does_not_cover_are_traced(factory, tmp_path):
 
     # Mistral's tiny config has sliding-window attention; dynamic rope changes its tables with the length.
     assert "sliding-window" in unsupported_reason(_model(factory, "mistral"))
-    dynamic = _model(factory, "llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
-    assert "dynamic rotary" in unsupported_reason(dynamic)
+    for rope in ({"rope_type": "dynamic", "factor": 2.0}, {"rope_type": "longrope", "short_factor": [1.0] * 8,
+                                                           "long_factor": [4.0] * 8, "original_max_position_embeddings": 16}):
+        model = _model(factory, "llama", rope_parameters={**rope, "rope_theta": 10000.0})
+        assert f"rotary scaling '{rope['rope_type']}'" in unsupported_reason(model)
     out, report = factory.decoder_bundle("mistral")
     manifest = json.loads((out / "manifest.json").read_text())
     assert report.passed and "GroupQueryAttention" not in _ops(out / "onnx/model.onnx")
@@ -122,4 +127,19 @@ def test_models_the_fused_graph_does_not_cover_are_traced(factory, tmp_path):
                                      ort_fusions=False))
     assert report.passed
     assert {"GroupQueryAttention", "RotaryEmbedding"}.isdisjoint(_ops(plain / "onnx/model.onnx"))
-    assert json.loads((plain / "manifest.json").read_text())["onnxruntime_fusions"] is False
+    manifest = json.loads((plain / "manifest.json").read_text())
+    assert manifest["onnxruntime_fusions"] is False
+    assert manifest["min_onnxruntime"] == MIN_ORT_FOR_OPSET[manifest["opset"]]
+
+
+def test_swappable_llama_bundles_are_traced_and_ask_for_their_opsets_onnxruntime(factory, tmp_path):
+    from exporter.onnx_export import MIN_ORT_FOR_OPSET
+    from exporter.pipeline import ExportSpec, run_pipeline
+
+    out = tmp_path / "swap"
+    report = run_pipeline(ExportSpec(adapter=factory.decoder_adapter("llama"), out=out, quantize=(),
+                                     keep_adapters=True))
+    assert report.passed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "GroupQueryAttention" not in _ops(out / manifest["variants"]["fp32"]["file"])
+    assert manifest["min_onnxruntime"] == MIN_ORT_FOR_OPSET[manifest["opset"]]

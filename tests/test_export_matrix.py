@@ -65,6 +65,8 @@ def test_published_bundle_verifies_with_stored_thresholds(factory, arch, task):
 def test_onnx_graph_has_dynamic_axes_and_onnxruntime_fusions(factory):
     import onnx
 
+    from exporter.fusions import ATTENTION_MIN_ONNXRUNTIME
+
     out, _ = factory.bundle("bert", "text-classification")
     model = onnx.load(str(out / "onnx/model.onnx"))
     fused = {n.op_type for n in model.graph.node if n.domain == "com.microsoft"}
@@ -86,7 +88,9 @@ def test_onnx_graph_has_dynamic_axes_and_onnxruntime_fusions(factory):
             then, other = (next(a.g for a in node.attribute if a.name == k) for k in ("then_branch", "else_branch"))
             assert [n.op_type for n in then.node] == ["MultiHeadAttention"], variant
             assert {"Softmax", "MatMul", "Add"} <= {n.op_type for n in other.node}, variant
-    assert json.loads((out / "manifest.json").read_text())["onnxruntime_fusions"] is True
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["onnxruntime_fusions"] is True
+    assert manifest["min_onnxruntime"] == ATTENTION_MIN_ONNXRUNTIME  # MultiHeadAttention, tried from 1.20
     for inp in model.graph.input:
         dims = [d.dim_param for d in inp.type.tensor_type.shape.dim]
         assert dims == ["batch_size", "sequence"], (inp.name, dims)
@@ -243,6 +247,7 @@ def test_int8_auto_falls_back_to_unsigned_weights_where_signed7_fails_the_gate(f
 def test_no_ort_fusions_keeps_standard_onnx_operators(factory, tmp_path):
     import onnx
 
+    from exporter.onnx_export import MIN_ORT_FOR_OPSET
     from exporter.pipeline import ExportSpec, run_pipeline
 
     out = tmp_path / "plain"
@@ -251,6 +256,7 @@ def test_no_ort_fusions_keeps_standard_onnx_operators(factory, tmp_path):
     assert report.passed
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["onnxruntime_fusions"] is False and manifest["spec"]["ort_fusions"] is False
+    assert manifest["min_onnxruntime"] == MIN_ORT_FOR_OPSET[manifest["opset"]]
     for v in manifest["variants"].values():
         domains = {n.domain for n in onnx.load(str(out / v["file"])).graph.node}
         assert domains <= {"", "ai.onnx"}, (v["file"], domains)
