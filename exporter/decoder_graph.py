@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UnsupportedError
+from .fusions import MS_DOMAIN
 from .generation import DecoderIO
 from .onnx_export import EXTERNAL_DATA_THRESHOLD, OnnxArtifact, check_opset, checked_artifact
 
-MS_DOMAIN = "com.microsoft"
 # GroupQueryAttention's attention_bias input: onnxruntime 1.20.1 refuses the graph. 1.22.0 and 1.24.4 run it and
 # match the traced graph within 2.1e-4 on SmolLM2's logits (1.32.0: 6.5e-5), left-padded prefill and three
 # decode steps (issue 15, session 12); 1.21 was not tried.
@@ -103,14 +103,11 @@ def export_fused_decoder(model, dio: DecoderIO, path: Path, opset: int) -> OnnxA
         nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
         return outputs[0]
 
-    def linear(x: str, module, scope: str) -> str:
-        # The traced graph's node names: weightonly.py keeps the adapter's modules at 8 bits by them.
-        return linears(x, [module], scope.rsplit("/", 1)[0], [scope.rsplit("/", 1)[1]])[0]
-
     def linears(x: str, modules: list, parent: str, names: list[str]) -> list[str]:
-        """Projections of one input as one MatMul and a Split: one MatMulNBits (and one block-minimum correction)
-        instead of several, each a fixed cost per decode step. Its scope joins the parts' names with "+"
-        (".../self_attn/q_proj+k_proj+v_proj/MatMul"), which weightonly.py reads for the modules kept at 8 bits."""
+        """Projections of one input as one MatMul (and a Split where there are several): one MatMulNBits (and one
+        block-minimum correction) instead of several, each a fixed cost per decode step. Named like the traced
+        graph's nodes, the parts joined by "+" (".../self_attn/q_proj+k_proj+v_proj/MatMul"): weightonly.py keeps
+        the adapter's modules at 8 bits by these names."""
         scope = f"{parent}/{'+'.join(names)}"
         w = np.concatenate([m.weight.detach().float().numpy().T for m in modules], axis=1)
         y = node("MatMul", [x, init(f"{scope}.weight", w)], [f"/{scope}/MatMul_output_0"], f"/{scope}/MatMul")
@@ -191,7 +188,7 @@ def export_fused_decoder(model, dio: DecoderIO, path: Path, opset: int) -> OnnxA
                  [f"/{s}/self_attn/attention", dio.present_names[2 * li], dio.present_names[2 * li + 1]],
                  f"/{s}/self_attn/GroupQueryAttention", num_heads=heads, kv_num_heads=kv_heads,
                  scale=float(attn.scaling), do_rotary=0)
-        o = linear(a, attn.o_proj, f"{s}/self_attn/o_proj")
+        (o,) = linears(a, [attn.o_proj], f"{s}/self_attn", ["o_proj"])
         ln_post = init(f"{s}.post_attention_layernorm.weight",
                        layer.post_attention_layernorm.weight.detach().float().numpy())
         x = node("SkipSimplifiedLayerNormalization", [o, residual, ln_post],
@@ -202,7 +199,7 @@ def export_fused_decoder(model, dio: DecoderIO, path: Path, opset: int) -> OnnxA
         sig = node("Sigmoid", [gate], [f"/{s}/mlp/act_fn/Sigmoid_output_0"], f"/{s}/mlp/act_fn/Sigmoid")
         act = node("Mul", [gate, sig], [f"/{s}/mlp/act_fn/Mul_output_0"], f"/{s}/mlp/act_fn/Mul")
         prod = node("Mul", [act, up], [f"/{s}/mlp/Mul_output_0"], f"/{s}/mlp/Mul")
-        hidden = linear(prod, mlp.down_proj, f"{s}/mlp/down_proj")
+        (hidden,) = linears(prod, [mlp.down_proj], f"{s}/mlp", ["down_proj"])
     norm_w = init("model.norm.weight", core.norm.weight.detach().float().numpy())
     final = node("SkipSimplifiedLayerNormalization", [hidden, residual, norm_w], ["/model/norm/output_0"],
                  "/model/norm", epsilon=float(core.norm.variance_epsilon))

@@ -127,30 +127,28 @@ class EncoderBuild(FamilyBuild):
     # --- ONNX ------------------------------------------------------------------------------------------------
 
     def export(self, model, path: Path, opset: int):
-        from .fusions import ATTENTION_MIN_ONNXRUNTIME, op_types
+        from .fusions import ATTENTION_MIN_ONNXRUNTIME
         from .onnx_export import example_feeds, export_onnx, min_onnxruntime
 
-        art = self._tune_for_ort(export_onnx(self.wrap(model), example_feeds(self.feeds[-1]), path, self.task, opset),
-                                 self.ort_fusion)
-        fused = "MultiHeadAttention" in op_types(art.path)
-        self.min_ort = min_onnxruntime(opset, ATTENTION_MIN_ONNXRUNTIME) if fused else None
+        art = export_onnx(self.wrap(model), example_feeds(self.feeds[-1]), path, self.task, opset)
+        fused = self._tune_for_ort(art, self.ort_fusion)
+        self.min_ort = min_onnxruntime(opset, ATTENTION_MIN_ONNXRUNTIME) if "MultiHeadAttention" in fused else None
         return art
 
-    def _tune_for_ort(self, art, fusion: str | None):
+    def _tune_for_ort(self, art, fusion: str | None) -> dict[str, int]:
         """onnxruntime's fusions (``fusion``: its model_type) and fusions.tune_for_cpu, in one load and save of
         the graph; nothing for graphs with external data. A graph left unfused stays standard ONNX: its
-        attention is not fused either."""
+        attention is not fused either. Returns the contrib op counts the graph now has."""
         if art.data_files or not self.tune:
-            return art
+            return {}
         if fusion:
             from .fusions import fuse_transformer
 
-            fuse_transformer(art.path, fusion, tune=True)
-        else:
-            from .fusions import tune_file_for_cpu
+            return fuse_transformer(art.path, fusion, tune=True)
+        from .fusions import tune_file_for_cpu
 
-            tune_file_for_cpu(art.path)
-        return art
+        tune_file_for_cpu(art.path)
+        return {}
 
     def export_swappable(self, model, interface, path: Path, opset: int):
         import torch
@@ -164,7 +162,8 @@ class EncoderBuild(FamilyBuild):
         batch, seq = torch.export.Dim(BATCH_AXIS), torch.export.Dim("sequence")
         art = export_swappable(wrapper, model, interface, [torch.from_numpy(a) for a in example.values()],
                                [{0: batch, 1: seq} for _ in self.names], self.names, self.output_names, path, opset)
-        return self._tune_for_ort(art, None)  # swappable graphs are not fused
+        self._tune_for_ort(art, None)  # swappable graphs are not fused
+        return art
 
     def describe(self, model, tok) -> None:
         """What the manifest needs from the model, read before it is freed (nothing, for encoders)."""

@@ -46,7 +46,7 @@ MATMULS = ("MatMul", "Gemm", "FusedMatMul")
 def fuse_transformer(path: Path, model_type: str, tune: bool = False) -> dict[str, int]:
     """Rewrite the graph at ``path`` in place with onnxruntime's fusions for ``model_type`` (its optimizer's
     name: "bert" also matches RoBERTa/DistilBERT layers), then, with ``tune``, ``tune_for_cpu`` with fused
-    attention (one save for both); the contrib op counts of the top-level graph (empty: nothing matched)."""
+    attention (one save for both); the contrib op counts, subgraphs included (empty: nothing matched)."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     # The optimizer logs every fusion it tries at INFO/WARNING on its own loggers.
@@ -66,7 +66,7 @@ def fuse_transformer(path: Path, model_type: str, tune: bool = False) -> dict[st
             lg.setLevel(level)
     tuned = sum(tune_for_cpu(optimized.model, fused_attention=True).values()) if tune else 0
     fused: dict[str, int] = {}
-    for node in optimized.model.graph.node:
+    for node in _nodes(optimized.model.graph):  # MultiHeadAttention sits in If branches
         if node.domain == MS_DOMAIN:
             fused[node.op_type] = fused.get(node.op_type, 0) + 1
     if fused or tuned:
@@ -83,28 +83,19 @@ def uses_contrib_ops(path: Path) -> bool:
     return MS_DOMAIN in _domains(onnx.load(str(path), load_external_data=False).graph)
 
 
-def op_types(path: Path) -> set[str]:
-    """The op types of the graph at ``path``, its subgraphs' included."""
-    import onnx
-
-    return {op for _, op in _ops(onnx.load(str(path), load_external_data=False).graph)}
-
-
-def _ops(g) -> set[tuple[str, str]]:
-    """(domain, op type) of every node of ``g`` and of its subgraphs (If, Loop, Scan)."""
+def _nodes(g):
+    """Every node of ``g`` and of its subgraphs (If, Loop, Scan), depth first."""
     from onnx import AttributeProto
 
-    out = set()
     for n in g.node:
-        out.add((n.domain, n.op_type))
+        yield n
         for a in n.attribute:
             for sub in [a.g] if a.type == AttributeProto.GRAPH else list(a.graphs):
-                out |= _ops(sub)
-    return out
+                yield from _nodes(sub)
 
 
 def _domains(g) -> set[str]:
-    return {domain for domain, _ in _ops(g)}
+    return {n.domain for n in _nodes(g)}
 
 
 def tune_file_for_cpu(path: Path, fused_attention: bool = False) -> dict[str, int]:
@@ -229,16 +220,7 @@ def _broadcasts_into(small: list | None, big: list | None) -> bool:
 
 def _all_inputs(g) -> list[str]:
     """Every name the graph's nodes read, those of their subgraphs (If, Loop, Scan) included."""
-    from onnx import AttributeProto
-
-    names = []
-    for n in g.node:
-        names += list(n.input)
-        for a in n.attribute:
-            subs = [a.g] if a.type == AttributeProto.GRAPH else list(a.graphs) if a.type == AttributeProto.GRAPHS else []
-            for sub in subs:
-                names += _all_inputs(sub)
-    return names
+    return [i for n in _nodes(g) for i in n.input]
 
 
 class _Graph:
@@ -250,8 +232,9 @@ class _Graph:
         g = self.g = model.graph
         self.producer = {o: n for n in g.node for o in n.output}
         self.consumer = {i: n for n in g.node for i in n.input}  # meaningful where only_reader() holds
+        read = _all_inputs(g)
         self.readers: dict[str, int] = {}
-        for name in _all_inputs(g):
+        for name in read:
             self.readers[name] = self.readers.get(name, 0) + 1
         for o in g.output:
             self.readers[o.name] = self.readers.get(o.name, 0) + 1  # a graph output is never an intermediate
@@ -262,7 +245,7 @@ class _Graph:
             if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value" and not n.attribute[0].t.dims:
                 self.consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
         self.taken = ({o for n in g.node for o in n.output} | {i.name for i in g.initializer}
-                      | {i.name for i in g.input} | set(_all_inputs(g)))
+                      | {i.name for i in g.input} | set(read))
 
     def fresh(self, name: str) -> str:
         k = 0
