@@ -268,9 +268,13 @@ def zero_points_off_by_one(path: Path) -> None:
 
 def plain_quantize_dynamic(src: Path, dst: Path) -> None:
     """onnxruntime's default dynamic int8 (per-tensor, U8S8), as a plain script would quantize a decoder."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False)
+    # The fused decoder graph's contrib ops stop onnx's shape inference; a script would name the type as
+    # onnxruntime's error tells it to.
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
 def wrong_tokenizer(root: Path) -> None:
