@@ -288,3 +288,55 @@ def test_fusions_keep_stdout_for_the_cli_results(factory, tmp_path, monkeypatch,
     capfd.readouterr()
     assert set(fuse_transformer(graph, "bert")) == {"SkipLayerNormalization", "BiasGelu"}
     assert capfd.readouterr().out == ""
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_fusions_without_shape_inference_write_the_checked_graph(factory, tmp_path, monkeypatch, arch):
+    """fuse_transformer(tune=True) skips the optimizer's symbolic shape inference (it only guards
+    SkipLayerNormalization, which the tuning writes back as Adds): the graph is the one the checked optimizer
+    writes; a SkipLayerNormalization that survives the tuning makes it run the check."""
+    import shutil
+
+    import onnx
+    import onnxruntime.transformers.optimizer as optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from exporter import fusions
+    from exporter.pipeline import ExportSpec, run_pipeline
+
+    plain = tmp_path / "plain"
+    run_pipeline(ExportSpec(adapter=factory.adapter(arch, "text-classification"), out=plain, quantize=(),
+                            ort_fusions=False))
+    fast, checked = tmp_path / "fast.onnx", tmp_path / "checked.onnx"
+    shutil.copy(plain / "onnx" / "model.onnx", fast)
+    options = FusionOptions("bert")  # enable_shape_inference defaults to True
+    ref = optimize_model(str(plain / "onnx" / "model.onnx"), model_type="bert", num_heads=0, hidden_size=0,
+                         opt_level=0, optimization_options=options)
+    assert fusions.tune_for_cpu(ref.model, fused_attention=True)["layer_norms"] >= 4
+    ref.save_model_to_file(str(checked), use_external_data_format=False)
+
+    seen: list[bool] = []
+    real_optimize = optimizer.optimize_model
+
+    def spy(*args, optimization_options=None, **kwargs):
+        seen.append(optimization_options.enable_shape_inference)
+        return real_optimize(*args, optimization_options=optimization_options, **kwargs)
+
+    monkeypatch.setattr(optimizer, "optimize_model", spy)
+    assert fusions.fuse_transformer(fast, "bert", tune=True)["MultiHeadAttention"] == 2
+    assert seen == [False]
+
+    def graph(path):
+        g = onnx.load(str(path)).graph
+        del g.value_info[:]
+        return g.SerializeToString()
+
+    assert graph(fast) == graph(checked)
+
+    # A SkipLayerNormalization left by the tuning: the optimizer runs again with the check.
+    seen.clear()
+    shutil.copy(plain / "onnx" / "model.onnx", fast)
+    monkeypatch.setattr(fusions, "tune_for_cpu", lambda model, fused_attention=False: {"layer_norms": 0})
+    assert "SkipLayerNormalization" in fusions.fuse_transformer(fast, "bert", tune=True)
+    assert seen == [False, True]
