@@ -45,7 +45,7 @@ def keygen(private_key: Path) -> None:
               help="Also judge every quantized variant on your own texts (prompts for decoders), one per line or "
                    "JSON Lines; without PyTorch on the device the fp32 graph is their reference.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None,
-              help="Write this device's error-distribution plot (PNG; needs matplotlib).")
+              help="Write this device's error-distribution plot: SVG, or PNG for a FILE.png (needs matplotlib).")
 @click.option("--trusted-key", type=click.Path(path_type=Path), default=None, metavar="PUB.pem",
               help="Require a valid signature by this Ed25519 public key (export --sign) before anything in the "
                    "bundle is read; unsigned or mis-signed: exit 3. Needs the sign extra (cryptography).")
@@ -64,7 +64,7 @@ def verify(bundle: Path, variants: tuple[str, ...], providers: tuple[str, ...], 
     if plot is not None:
         from .plot import write_error_plot
 
-        write_plot(write_error_plot, report, plot)
+        write_plot(write_error_plot, report, plot, svg_without_matplotlib=True)
     if as_json:
         emit_json(report)
     else:
@@ -99,10 +99,15 @@ def verify(bundle: Path, variants: tuple[str, ...], providers: tuple[str, ...], 
         sys.exit(EXIT_PARITY)
 
 
-def write_plot(writer, data: dict[str, Any], plot: Path) -> None:
-    """--plot of verify and bench: the writer returns False when matplotlib is missing."""
+def write_plot(writer, data: dict[str, Any], plot: Path, svg_without_matplotlib: bool = False) -> None:
+    """--plot of verify (SVG drawn here, PNG through matplotlib) and bench (matplotlib)."""
+    from .plot import plot_available
+
+    if not plot_available() and not (svg_without_matplotlib and plot.suffix.lower() != ".png"):
+        raise UserInputError(f"--plot {plot.name} needs matplotlib: pip install matplotlib (or export-adapter[plot])"
+                             + ("; or give a .svg file" if svg_without_matplotlib else ""))
     if not writer(data, plot):
-        raise UserInputError("--plot needs matplotlib: pip install matplotlib (or export-adapter[plot])")
+        raise UserInputError(f"--plot: nothing to plot (no variant kept an error distribution); {plot} not written")
     click.echo(f"plot: {plot}", err=True)
 
 

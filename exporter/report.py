@@ -39,7 +39,7 @@ def new_report(command: str, manifest: dict[str, Any], variants: dict[str, Any],
 
 
 def write_report(root: Path, report: dict[str, Any]) -> None:
-    """parity.json, parity.md and, when matplotlib is installed, the error plot beside them."""
+    """parity.json, parity.md and the error plot (SVG) beside them."""
     from .bundle import PARITY_JSON, PARITY_MD, write_json
     from .plot import PLOT_FILE, write_error_plot
 

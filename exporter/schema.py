@@ -366,7 +366,7 @@ REPORT_SCHEMA: dict[str, Any] = {
         "sizes": {"type": "object", "additionalProperties": {"type": "integer"},
                   "description": "export only: bytes per variant (graph + external data)"},
         "task_metrics": _TASK_METRICS,
-        "plot": {"type": "string", "description": "the error-distribution plot in the bundle (needs matplotlib)"},
+        "plot": {"type": "string", "description": "the error-distribution plot in the bundle (SVG)"},
         "signature": {"type": "object", "required": ["signed", "checked"],
                       "description": "verify: manifest.json.sig present; checked (and its key id) with --trusted-key",
                       "properties": {"signed": {"type": "boolean"}, "checked": {"type": "boolean"},

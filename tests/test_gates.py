@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -178,11 +179,34 @@ def test_parity_md_shows_worst_probes_with_text_and_the_plot_is_in_the_bundle(fa
     report = json.loads((out / "parity.json").read_text())
     worst = report["variants"]["int8"]["outputs"]["logits"]["worst"]["prob_max_abs_diff"]
     assert worst["text"] and worst["text"][:40] in md
-    pytest.importorskip("matplotlib")
-    png = out / "report" / "errors.png"
-    assert report["plot"] == "report/errors.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "report/errors.png" in read_manifest(out)["files"]
-    assert "![per-row error of each variant](report/errors.png)" in md
+    svg = out / "report" / "errors.svg"
+    assert report["plot"] == "report/errors.svg" and "report/errors.svg" in read_manifest(out)["files"]
+    assert "![per-row error of each variant](report/errors.svg)" in md
+    root = ElementTree.fromstring(svg.read_text(encoding="utf-8"))  # well-formed XML
+    ns = "{http://www.w3.org/2000/svg}"
+    texts = {t.text for t in root.iter(f"{ns}text")}
+    # one panel per gated distribution: fp32's max |diff| and the quantized variants' max |Δp|
+    assert {"fp32", "int8", "fp16", "max |onnx - torch| per row", "max |Δ probability| per row"} <= texts, texts
+    lines = root.findall(f"{ns}polyline")
+    assert len(lines) == 3 and all(len(p.get("points").split()) >= 10 for p in lines)
+    dashed = [x for x in root.iter(f"{ns}line") if x.get("stroke-dasharray")]
+    assert len(dashed) == 3  # each variant's threshold
+
+
+def test_error_plot_escapes_names_from_the_bundle(tmp_path):
+    """Output and variant names come from a bundle (untrusted): they are text in the SVG, never markup."""
+    from exporter.plot import write_error_plot
+
+    evil = '<script>alert(1)</script>&"'
+    report = {"variants": {evil: {"thresholds": {"max_mean_kl": 0.02}, "outputs": {evil: {
+        "distribution": {"metric": "kl", "quantiles": [0.0, 1e-4, 3e-3, float("nan"), 0.5]}}}}}}
+    assert write_error_plot(report, tmp_path / "e.svg")
+    root = ElementTree.fromstring((tmp_path / "e.svg").read_text(encoding="utf-8"))
+    assert not root.findall(".//{http://www.w3.org/2000/svg}script")
+    assert sum(t.text == evil for t in root.iter("{http://www.w3.org/2000/svg}text")) == 2
+    assert not write_error_plot({"variants": {"fp32": {"thresholds": {}, "outputs": {"logits": {}}}}},
+                                tmp_path / "none.svg")
+    assert not (tmp_path / "none.svg").exists()
 
 
 def test_verify_probe_texts_judges_quantized_variants_against_fp32(factory, tmp_path):
@@ -311,3 +335,16 @@ def test_bundle_stores_base_outputs_and_reports_adapter_kept(factory):
     assert (out / "reference" / "base_outputs.npz").exists()
     kept = report.data["variants"]["int8"]["outputs"]["logits"]["adapter_kept"]
     assert 0.5 <= kept <= 1.5, kept
+
+
+def test_verify_plot_writes_svg_without_matplotlib_and_png_asks_for_it(factory, tmp_path, monkeypatch):
+    from exporter import plot
+
+    out, _ = factory.bundle("bert", "text-classification")
+    monkeypatch.setattr(plot, "plot_available", lambda: False)  # a device without matplotlib
+    r = CliRunner().invoke(cli, ["verify", str(out), "--plot", str(tmp_path / "device.svg")])
+    assert r.exit_code == 0, r.output
+    ElementTree.fromstring((tmp_path / "device.svg").read_text(encoding="utf-8"))
+    r = CliRunner().invoke(cli, ["verify", str(out), "--plot", str(tmp_path / "device.png")])
+    assert r.exit_code == 1 and "needs matplotlib" in r.output and "or give a .svg file" in r.output, r.output
+    assert not (tmp_path / "device.png").exists()
