@@ -158,7 +158,9 @@ def cli() -> None:
                    "onnxruntime (decoder int8/int4 still use MatMulNBits). Default: tuned for onnxruntime's CPU "
                    "kernels, on the fp32 graph the other variants are made from. Encoders: its transformer fusions "
                    "(BiasGelu), layer norms kept out of its slow fused kernel, attention as one MultiHeadAttention "
-                   "where nothing is padded (MiniLM int8 0.31x torch instead of 0.42x at b8 s128). Llama, Qwen2 "
+                   "where nothing is padded (MiniLM int8 0.31x torch instead of 0.42x at b8 s128); BERT written "
+                   "from the merged weights in that form instead of traced (a first MiniLM export 7 s, not 13 s). "
+                   "Llama, Qwen2 "
                    "and Mistral without sliding windows: written from the merged weights with GroupQueryAttention, "
                    "RotaryEmbedding and SkipSimplifiedLayerNormalization, needing onnxruntime >= 1.22 (SmolLM2 int4 "
                    "decode 0.25x torch instead of 0.35x). All are contrib ops; docs/performance.md.")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from .parity import OutputInfo
 from .tasks import TaskSpec
 from .tolerances import required_effect
 
+log = logging.getLogger(__name__)
+
 
 class EncoderBuild(FamilyBuild):
     """One forward pass per probe batch; parity on every output (classification, token labels, embeddings)."""
@@ -25,9 +28,10 @@ class EncoderBuild(FamilyBuild):
     family = "encoder"
 
     def __init__(self, task: TaskSpec, pooling: dict | None = None, ort_fusion: str | None = None,
-                 tune: bool = False) -> None:
+                 tune: bool = False, written_graph: bool = False) -> None:
         super().__init__(task)
         self.pooling = pooling
+        self.written_graph = written_graph  # try encoder_graph.py where the model allows it
         self.ort_fusion = ort_fusion
         self.tune = tune
         self.min_ort: str | None = None  # what the graph written needs beyond its opset (set by export)
@@ -40,7 +44,8 @@ class EncoderBuild(FamilyBuild):
     @classmethod
     def for_export(cls, ctx: BuildContext) -> EncoderBuild:
         return cls(ctx.task, pooling_config(ctx.base) if ctx.task.name == "feature-extraction" else None,
-                   ctx.arch.ort_fusion if ctx.spec.ort_fusions else None, tune=ctx.spec.ort_fusions)
+                   ctx.arch.ort_fusion if ctx.spec.ort_fusions else None, tune=ctx.spec.ort_fusions,
+                   written_graph=ctx.arch.written_graph)
 
     @classmethod
     def from_bundle(cls, task: TaskSpec, manifest: dict[str, Any], probes: dict, inputs: Arrays) -> EncoderBuild:
@@ -130,6 +135,16 @@ class EncoderBuild(FamilyBuild):
         from .fusions import ATTENTION_MIN_ONNXRUNTIME
         from .onnx_export import example_feeds, export_onnx, min_onnxruntime
 
+        if self.written_graph and self.tune and self.ort_fusion:
+            from .encoder_graph import export_encoder_graph, unsupported_reason
+
+            reason = unsupported_reason(model, self.task)
+            if reason is None:
+                art, fused = export_encoder_graph(model, self.task, self.names, self.pooling, path, opset)
+                self.min_ort = (min_onnxruntime(opset, ATTENTION_MIN_ONNXRUNTIME) if "MultiHeadAttention" in fused
+                                else None)
+                return art
+            log.info("tracing the encoder: the written graph does not cover this model (%s)", reason)
         art = export_onnx(self.wrap(model), example_feeds(self.feeds[-1]), path, self.task, opset)
         fused = self._tune_for_ort(art, self.ort_fusion)
         self.min_ort = min_onnxruntime(opset, ATTENTION_MIN_ONNXRUNTIME) if "MultiHeadAttention" in fused else None

@@ -80,15 +80,22 @@ def fuse_transformer(path: Path, model_type: str, tune: bool = False) -> dict[st
     if tune and any(n.op_type == "SkipLayerNormalization" for n in _nodes(optimized.model.graph)):
         optimized = optimize(shape_inference=True)
         tuned = sum(tune_for_cpu(optimized.model, fused_attention=True).values())
-    fused: dict[str, int] = {}
-    for node in _nodes(optimized.model.graph):  # MultiHeadAttention sits in If branches
-        if node.domain == MS_DOMAIN:
-            fused[node.op_type] = fused.get(node.op_type, 0) + 1
+    fused = contrib_op_counts(optimized.model.graph)
     if fused or tuned:
         # save_model_to_file adds the com.microsoft opset import the fused nodes need.
         optimized.save_model_to_file(str(path), use_external_data_format=False)
         _check(path)
     return fused
+
+
+def contrib_op_counts(graph) -> dict[str, int]:
+    """How many of each onnxruntime contrib op ``graph`` has, its subgraphs included (MultiHeadAttention sits in
+    If branches)."""
+    counts: dict[str, int] = {}
+    for node in _nodes(graph):
+        if node.domain == MS_DOMAIN:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
 
 
 def uses_contrib_ops(path: Path) -> bool:

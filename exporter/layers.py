@@ -23,7 +23,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "reference", "runners", "verify", "inspection", "bench", "layers",
     ),
     "build": (
-        "loading", "embedded", "graph_cache", "merge", "onnx_export", "fusions", "decoder", "decoder_graph",
+        "loading", "embedded", "graph_cache", "merge", "onnx_export", "fusions", "encoder_graph", "decoder",
+        "decoder_graph",
         "swap_export", "int8",
         "quantize", "ort_format", "weightonly",
         "datasets", "taskeval", "spec", "stages", "staging", "tokenizer_files", "family_base",

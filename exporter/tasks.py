@@ -135,12 +135,15 @@ class ArchSpec:
     # onnxruntime's transformer optimizer model_type whose fusions apply to the exported graph (exporter/fusions.py);
     # None: exported unfused. DeBERTa's disentangled attention matches none of its patterns.
     ort_fusion: str | None = "bert"
+    # Written from the weights by encoder_graph.py (with the fusions on) instead of traced.
+    written_graph: bool = False
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "bert": ArchSpec(
         "bert", True, ("query", "value"),
         {"text-classification": "classifier", "token-classification": "classifier"},
+        written_graph=True,
     ),
     "roberta": ArchSpec(
         "roberta", True, ("query", "value"),
