@@ -1,6 +1,7 @@
-"""A BERT encoder graph written from the merged model's weights (build side), instead of traced.
+"""A BERT-family encoder graph written from the merged model's weights (build side), instead of traced.
 
-For ``tasks.ArchSpec.written_graph`` architectures (BERT, which MiniLM is) when onnxruntime's fusions are on:
+For ``tasks.ArchSpec.written_graph`` architectures (BERT, which MiniLM is, RoBERTa and XLM-RoBERTa) when
+onnxruntime's fusions are on:
 the graph torch's exporter and onnxruntime's optimizer produce for these models, written directly (embeddings,
 per layer q/k/v MatMuls, the attention chain, the output and MLP MatMuls with BiasGelu, layer norms, the task's
 head), then ``fusions.tune_for_cpu`` as for an exported graph: layer norms on a 2-D view and each attention as
@@ -28,6 +29,10 @@ from .onnx_export import BATCH_AXIS, OnnxArtifact, check_opset, checked_artifact
 from .tasks import TaskSpec
 
 SEQ = "sequence"
+WRITTEN = ("bert", "roberta", "xlm-roberta")
+# Position ids counted over the tokens that are not padding, after the padding index (create_position_ids_from_
+# input_ids); BERT's are 0..S-1.
+ROBERTA_POSITIONS = ("roberta", "xlm-roberta")
 # transformers' additive mask for a padded key (finfo(float32).min, as the exported graph's Where writes it)
 MASKED = float(np.finfo(np.float32).min)
 
@@ -40,8 +45,8 @@ def unsupported_reason(model, task: TaskSpec) -> str | None:
     """Why ``model`` cannot be written here (None: it can); the exporter then traces it."""
     cfg = model.config
     core = _core(model)
-    if getattr(cfg, "model_type", None) != "bert":
-        return f"model type {getattr(cfg, 'model_type', None)!r}, not bert"
+    if getattr(cfg, "model_type", None) not in WRITTEN:
+        return f"model type {getattr(cfg, 'model_type', None)!r}, not one of {', '.join(WRITTEN)}"
     if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
         return "a BERT decoder"
     if getattr(cfg, "position_embedding_type", "absolute") != "absolute":
@@ -55,7 +60,11 @@ def unsupported_reason(model, task: TaskSpec) -> str | None:
     if cfg.hidden_size % cfg.num_attention_heads:
         return "hidden size not a multiple of the heads"
     if task.name == "text-classification":
-        if getattr(core, "pooler", None) is None or not _plain_linear(getattr(model, "classifier", None)):
+        head = getattr(model, "classifier", None)
+        if cfg.model_type in ROBERTA_POSITIONS:  # RobertaClassificationHead: dense, tanh, out_proj on <s>
+            if not (_plain_linear(getattr(head, "dense", None)) and _plain_linear(getattr(head, "out_proj", None))):
+                return "no dense + out_proj classification head"
+        elif getattr(core, "pooler", None) is None or not _plain_linear(head):
             return "no pooler + linear classifier"
     elif task.name == "token-classification":
         if not _plain_linear(getattr(model, "classifier", None)):
@@ -132,13 +141,24 @@ def export_encoder_graph(model, task: TaskSpec, input_names: tuple[str, ...], po
     else:  # transformers adds the zero type's row (its token_type_ids buffer)
         types = init("embeddings.token_type_embeddings.row0", table[0])
     x = node("Add", [words, types], "embeddings/words_types", [b, s, hidden])
-    ids_shape = node("Shape", ["input_ids"], "embeddings/ids_shape", [2], i64)
-    seq_len = node("Gather", [ids_shape, init("const/one", np.array(1, np.int64))], "embeddings/seq_len", [], i64,
-                   axis=0)
-    positions = node("Range", [init("const/zero", np.array(0, np.int64)), seq_len, "const/one"],
-                     "embeddings/positions", [s], i64)
+    init("const/zero", np.array(0, np.int64))
+    if cfg.model_type in ROBERTA_POSITIONS:
+        pad = init("const/padding_idx", np.array(int(emb.padding_idx), np.int64))
+        is_pad = node("Equal", ["input_ids", pad], "embeddings/is_pad", [b, s], TensorProto.BOOL)
+        kept = node("Not", [is_pad], "embeddings/not_pad", [b, s], TensorProto.BOOL)
+        kept = node("Cast", [kept], "embeddings/not_pad_count", [b, s], i64, to=i64)
+        counted = node("CumSum", [kept, init("const/one", np.array(1, np.int64))], "embeddings/counted", [b, s], i64)
+        counted = node("Mul", [counted, kept], "embeddings/counted_kept", [b, s], i64)
+        positions = node("Add", [counted, pad], "embeddings/positions", [b, s], i64)
+        pos_dims = [b, s, hidden]
+    else:
+        ids_shape = node("Shape", ["input_ids"], "embeddings/ids_shape", [2], i64)
+        seq_len = node("Gather", [ids_shape, init("const/one", np.array(1, np.int64))], "embeddings/seq_len", [],
+                       i64, axis=0)
+        positions = node("Range", ["const/zero", seq_len, "const/one"], "embeddings/positions", [s], i64)
+        pos_dims = [s, hidden]
     pos = node("Gather", [init("embeddings.position_embeddings.weight", t(emb.position_embeddings.weight)), positions],
-               "embeddings/positions_embedded", [s, hidden], axis=0)
+               "embeddings/positions_embedded", pos_dims, axis=0)
     x = node("Add", [x, pos], "embeddings/sum", [b, s, hidden])
     x = layer_norm(x, emb.LayerNorm, "embeddings.LayerNorm")
 
@@ -187,12 +207,13 @@ def export_encoder_graph(model, task: TaskSpec, input_names: tuple[str, ...], po
     outputs: list[tuple[str, list]] = []
     if task.name == "text-classification":
         first = node("Gather", [x, "const/zero"], "pooler/first_token", [b, hidden], axis=1)
-        pooler = core.pooler.dense
+        roberta_head = cfg.model_type in ROBERTA_POSITIONS
+        pooler = model.classifier.dense if roberta_head else core.pooler.dense
         pooled = node("Gemm", [first, init("pooler.dense.weight", t(pooler.weight)), init("pooler.dense.bias",
                                                                                          t(pooler.bias))],
                       "pooler/dense", [b, hidden], transB=1)
         pooled = node("Tanh", [pooled], "pooler/tanh", [b, hidden])
-        cls = model.classifier
+        cls = model.classifier.out_proj if roberta_head else model.classifier
         nodes.append(helper.make_node("Gemm", [pooled, init("classifier.weight", t(cls.weight)),
                                                init("classifier.bias", t(cls.bias))], ["logits"],
                                       name="/classifier/Gemm", transB=1))

@@ -1,7 +1,9 @@
 """The dynamo exporter's graph for one model structure, kept without its weights and reused (build side).
 
-Why: tracing, decomposing and translating MiniLM takes ~15 s of its export (AVX2 EPYC, torch 2.13), and
+Why: tracing, decomposing and translating MiniLM took ~15 s of its export (AVX2 EPYC, torch 2.13), and
 exporting another adapter of the same base repeats it exactly: the merged model differs in weight values only.
+(BERT, RoBERTa and XLM-RoBERTa graphs, MiniLM's included, are now written from the weights by
+encoder_graph.py and never traced; the cache serves the encoders that still are.)
 An entry is the graph as ``torch.onnx.export(optimize=False)`` wrote it, with the tensors that are the
 module's parameters and buffers left empty. Reuse fills them from the module by name and shape, then both
 paths run the same optimizer and save, so a graph from the cache is the same bytes as a fresh one

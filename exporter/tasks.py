@@ -135,7 +135,8 @@ class ArchSpec:
     # onnxruntime's transformer optimizer model_type whose fusions apply to the exported graph (exporter/fusions.py);
     # None: exported unfused. DeBERTa's disentangled attention matches none of its patterns.
     ort_fusion: str | None = "bert"
-    # Written from the weights by encoder_graph.py (with the fusions on) instead of traced.
+    # Written from the weights by encoder_graph.py (with the fusions on) instead of traced; ``unsupported_reason``
+    # there names what of a model it does not cover, and that model is traced.
     written_graph: bool = False
 
 
@@ -148,10 +149,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "roberta": ArchSpec(
         "roberta", True, ("query", "value"),
         {"text-classification": "classifier.out_proj", "token-classification": "classifier"},
+        written_graph=True,
     ),
     "xlm-roberta": ArchSpec(
         "xlm-roberta", True, ("query", "value"),
         {"text-classification": "classifier.out_proj", "token-classification": "classifier"},
+        written_graph=True,
     ),
     "distilbert": ArchSpec(
         "distilbert", False, ("q_lin", "v_lin"),

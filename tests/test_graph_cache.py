@@ -1,6 +1,6 @@
 """exporter/graph_cache.py: a graph reused for another adapter of the same base is the graph a fresh export
-writes, and a cache entry that does not fit is never used. On RoBERTa: BERT graphs are written from the weights
-(encoder_graph.py), not traced, so they never reach the cache."""
+writes, and a cache entry that does not fit is never used. On DistilBERT: BERT and RoBERTa graphs are written
+from the weights (encoder_graph.py), not traced, so they never reach the cache."""
 
 from __future__ import annotations
 
@@ -27,11 +27,11 @@ def _export(adapter, out, **kw):
 def _second_adapter(factory, tmp_path):
     from helpers import make_adapter
 
-    return make_adapter(factory.base("roberta"), "roberta", "text-classification", tmp_path / "other", r=8, seed=7)
+    return make_adapter(factory.base("distilbert"), "distilbert", "text-classification", tmp_path / "other", r=8, seed=7)
 
 
 def test_a_reused_graph_is_the_fresh_graph_byte_for_byte(factory, tmp_path, cache, monkeypatch, caplog):
-    first, second = factory.adapter("roberta", "text-classification"), _second_adapter(factory, tmp_path)
+    first, second = factory.adapter("distilbert", "text-classification"), _second_adapter(factory, tmp_path)
     assert _export(first, tmp_path / "a").passed
     entries = list(cache.glob("*.onnx"))
     assert len(entries) == 1
@@ -60,7 +60,7 @@ def fresh_entry(factory, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv(graph_cache.ENV, str(root / "graphs"))
     try:
-        assert _export(factory.adapter("roberta", "text-classification"), root / "a").passed
+        assert _export(factory.adapter("distilbert", "text-classification"), root / "a").passed
     finally:
         mp.undo()
     (entry,) = (root / "graphs").glob("*.onnx")
@@ -79,11 +79,11 @@ def test_an_entry_that_does_not_fit_is_not_used(factory, tmp_path, cache, caplog
         if damage == "marker":  # one tensor fewer emptied than the entry says
             model.metadata_props[0].value = str(int(model.metadata_props[0].value) + 1)
         else:  # a weight of another shape under the same name
-            init = next(i for i in model.graph.initializer if i.name.endswith("query.weight"))
+            init = next(i for i in model.graph.initializer if i.name.endswith("q_lin.weight"))
             init.dims[0] += 1
         onnx.save(model, str(entry))
     with caplog.at_level(logging.WARNING, logger="exporter.graph_cache"):
-        report = _export(factory.adapter("roberta", "text-classification"), tmp_path / "b")
+        report = _export(factory.adapter("distilbert", "text-classification"), tmp_path / "b")
     assert report.passed
     assert "exporting afresh" in caplog.text
     assert (tmp_path / "b/onnx/model.onnx").read_bytes() == fp32
@@ -93,12 +93,12 @@ def test_the_key_follows_what_the_trace_depends_on(factory):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    base = factory.base("roberta")
+    base = factory.base("distilbert")
     two = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2).eval()
     again = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2).eval()
     three = AutoModelForSequenceClassification.from_pretrained(base, num_labels=3).eval()
     with torch.no_grad():
-        again.classifier.out_proj.weight.add_(1.0)  # other values, same structure
+        again.classifier.weight.add_(1.0)  # other values, same structure
     args = (torch.ones(2, 5, dtype=torch.int64),)
 
     def key(model, args=args, opset=20):

@@ -77,8 +77,8 @@ def _interrupt_midway(adapter, out, sig):
 
 
 def test_sigterm_and_sigint_leave_nothing_behind(factory, tmp_path):
-    # RoBERTa: traced (seconds of export to interrupt); BERT's graph is written in a blink (encoder_graph.py).
-    adapter = factory.adapter("roberta", "text-classification")
+    # DistilBERT: traced (seconds of export to interrupt); BERT's graph is written in a blink (encoder_graph.py).
+    adapter = factory.adapter("distilbert", "text-classification")
     for sig, code, word in ((signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")):
         out = tmp_path / f"out-{code}"
         rc, err = _interrupt_midway(adapter, out, sig)
