@@ -100,14 +100,19 @@ def verify(bundle: Path, variants: tuple[str, ...], providers: tuple[str, ...], 
 
 
 def write_plot(writer, data: dict[str, Any], plot: Path, svg_without_matplotlib: bool = False) -> None:
-    """--plot of verify (SVG drawn here, PNG through matplotlib) and bench (matplotlib)."""
-    from .plot import plot_available
+    """--plot of verify (SVG drawn here, PNG through matplotlib) and bench (matplotlib). Nothing to plot is a
+    warning: the command's own result (a failed verify's exit 3 included) still comes."""
+    svg = svg_without_matplotlib and plot.suffix.lower() != ".png"
+    if not svg:
+        from .plot import plot_available
 
-    if not plot_available() and not (svg_without_matplotlib and plot.suffix.lower() != ".png"):
-        raise UserInputError(f"--plot {plot.name} needs matplotlib: pip install matplotlib (or export-adapter[plot])"
-                             + ("; or give a .svg file" if svg_without_matplotlib else ""))
+        if not plot_available():
+            raise UserInputError(f"--plot {plot.name} needs matplotlib: pip install matplotlib (or "
+                                 f"export-adapter[plot])" + ("; or give a .svg file" if svg_without_matplotlib else ""))
     if not writer(data, plot):
-        raise UserInputError(f"--plot: nothing to plot (no variant kept an error distribution); {plot} not written")
+        click.echo(f"warning: --plot: nothing to plot (no variant kept an error distribution); {plot} not written",
+                   err=True)
+        return
     click.echo(f"plot: {plot}", err=True)
 
 

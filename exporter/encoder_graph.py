@@ -43,6 +43,8 @@ def _core(model):
 
 def unsupported_reason(model, task: TaskSpec) -> str | None:
     """Why ``model`` cannot be written here (None: it can); the exporter then traces it."""
+    import torch
+
     cfg = model.config
     core = _core(model)
     if getattr(cfg, "model_type", None) not in WRITTEN:
@@ -59,6 +61,13 @@ def unsupported_reason(model, task: TaskSpec) -> str | None:
         return "not a BertModel (embeddings, encoder)"
     if cfg.hidden_size % cfg.num_attention_heads:
         return "hidden size not a multiple of the heads"
+    # Every module the writer reads weights from must be what it reads them as: a wrapped layer (an unmerged LoRA
+    # still has a .weight, its base's) or a custom one would lose what it adds.
+    plain = (torch.nn.Linear, torch.nn.LayerNorm, torch.nn.Embedding, torch.nn.Dropout, torch.nn.Tanh)
+    odd = next((n for n, m in model.named_modules() if not list(m.children()) and not isinstance(m, plain)
+                and type(m).__name__ != "GELUActivation"), None)
+    if odd is not None:
+        return f"module {odd} is a {type(model.get_submodule(odd)).__name__}, not a plain layer"
     if task.name == "text-classification":
         head = getattr(model, "classifier", None)
         if cfg.model_type in ROBERTA_POSITIONS:  # RobertaClassificationHead: dense, tanh, out_proj on <s>

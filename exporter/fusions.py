@@ -47,39 +47,27 @@ def fuse_transformer(path: Path, model_type: str, tune: bool = False) -> dict[st
     """Rewrite the graph at ``path`` in place with onnxruntime's fusions for ``model_type`` (its optimizer's
     name: "bert" also matches RoBERTa/DistilBERT layers), then, with ``tune``, ``tune_for_cpu`` with fused
     attention (one save for both); the contrib op counts, subgraphs included (empty: nothing matched)."""
-    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    def optimize(shape_inference: bool):
-        options = FusionOptions(model_type)
-        options.enable_shape_inference = shape_inference
-        # The optimizer logs every fusion it tries at INFO/WARNING on its own loggers, and print()s ("failed in
-        # shape inference ...") where stdout belongs to the CLI's results (--json).
-        quiet = [logging.getLogger(n) for n in ("onnxruntime.transformers", "fusion_base", "onnx_model", "")]
-        levels = [lg.level for lg in quiet]
-        for lg in quiet:
-            lg.setLevel(logging.ERROR)
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                return optimize_model(str(path), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
-                                      optimization_options=options)
-        except Exception as e:  # noqa: BLE001 - the optimizer raises plain exceptions on patterns it misreads
-            raise ExporterError(f"onnxruntime's transformer fusions failed on {path.name}: {type(e).__name__}: "
-                                f"{str(e)[:160]}") from None
-        finally:
-            for lg, level in zip(quiet, levels):
-                lg.setLevel(level)
-
-    # Symbolic shape inference (0.5 s of the optimizer's 0.75 s on MiniLM) only checks that a
-    # SkipLayerNormalization's two inputs do not broadcast, and tune_for_cpu writes every one back as its Adds,
-    # which broadcast as the exported graph did. Measured (issue 15, session 13): the same graph bytes with and
-    # without it for bert, roberta, xlm-roberta and distilbert in every task, and for MiniLM. Where a
-    # SkipLayerNormalization survives the tuning (its mean or inverse-std output used), the check runs.
-    optimized = optimize(shape_inference=not tune)
+    # The optimizer logs every fusion it tries at INFO/WARNING on its own loggers, and print()s ("failed in shape
+    # inference ...") where stdout belongs to the CLI's results (--json). It runs with its symbolic shape
+    # inference, which its SkipLayerNormalization and EmbedLayerNormalization fusions read: skipping it saved
+    # 0.5 s of MiniLM's export (issue 15, session 13) before BERT graphs were written from the weights
+    # (encoder_graph.py); the encoders still traced (DistilBERT) fuse EmbedLayerNormalization, so it stays.
+    quiet = [logging.getLogger(n) for n in ("onnxruntime.transformers", "fusion_base", "onnx_model", "")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            optimized = optimize_model(str(path), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0)
+    except Exception as e:  # noqa: BLE001 - the optimizer raises plain exceptions on patterns it misreads
+        raise ExporterError(f"onnxruntime's transformer fusions failed on {path.name}: {type(e).__name__}: "
+                            f"{str(e)[:160]}") from None
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
     tuned = sum(tune_for_cpu(optimized.model, fused_attention=True).values()) if tune else 0
-    if tune and any(n.op_type == "SkipLayerNormalization" for n in _nodes(optimized.model.graph)):
-        optimized = optimize(shape_inference=True)
-        tuned = sum(tune_for_cpu(optimized.model, fused_attention=True).values())
     fused = contrib_op_counts(optimized.model.graph)
     if fused or tuned:
         # save_model_to_file adds the com.microsoft opset import the fused nodes need.

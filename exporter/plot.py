@@ -10,6 +10,7 @@ and a device without matplotlib can still plot. ``verify --plot FILE.png`` and `
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
@@ -36,22 +37,44 @@ def plot_available() -> bool:
 
 
 def _panels(report: dict[str, Any]) -> dict[tuple[str, str], list[tuple[str, list[float], float | None]]]:
-    """(output, metric) -> [(variant, quantiles, its threshold on that axis)], for every output that kept one."""
+    """(output, metric) -> [(variant, quantiles, its threshold on that axis)], for every output that kept one.
+    A report is a bundle's (untrusted): anything not shaped as parity writes it is left out, not an error."""
     panels: dict[tuple[str, str], list[tuple[str, list[float], float | None]]] = {}
-    for variant, r in report["variants"].items():
-        for out, m in (r.get("outputs") or {}).items():
-            d = m.get("distribution")
-            if not d or d["metric"] not in AXES:
+    variants = report.get("variants") if isinstance(report, dict) else None
+    for variant, r in (variants.items() if isinstance(variants, dict) else ()):
+        outputs = r.get("outputs") if isinstance(r, dict) else None
+        thresholds = r.get("thresholds") if isinstance(r, dict) else None
+        for out, m in (outputs.items() if isinstance(outputs, dict) else ()):
+            d = m.get("distribution") if isinstance(m, dict) else None
+            if not isinstance(d, dict) or d.get("metric") not in AXES or not isinstance(d.get("quantiles"), list):
                 continue
             key = AXES[d["metric"]][1]
-            t = r["thresholds"].get(key)
-            limit = m.get("atol_effective") if key == "atol" else (1 - t if key == "min_cosine" and t is not None else t)
-            panels.setdefault((out, d["metric"]), []).append((variant, d["quantiles"], limit))
+            t = _number(thresholds.get(key)) if isinstance(thresholds, dict) else None
+            limit = _number(m.get("atol_effective")) if key == "atol" else (
+                1 - t if key == "min_cosine" and t is not None else t)
+            panels.setdefault((_text(out), d["metric"]), []).append((_text(variant), d["quantiles"], limit))
     return dict(sorted(panels.items()))
 
 
+def _number(x: Any) -> float | None:
+    """A finite float, or None (strings, booleans, NaN, inf and integers past float range included)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    try:
+        f = float(x)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _text(x: Any) -> str:
+    """A name from the bundle as SVG text: no control characters (XML 1.0 forbids them); escaped when written."""
+    return re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", "?", str(x))
+
+
 def _finite_positive(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+    f = _number(x)
+    return f is not None and f > 0
 
 
 def write_error_plot(report: dict[str, Any], path: Path) -> bool:
@@ -78,8 +101,7 @@ def error_plot_svg(panels: dict[tuple[str, str], list[tuple[str, list[float], fl
     for i, ((out, metric), series) in enumerate(panels.items()):
         x0, y0 = i * pw + left, 24 + top
         w, h = pw - left - right, ph - top - bottom
-        values = [max(float(v), FLOOR) for _, q, lim in series for v in [*q, *([lim] if _finite_positive(lim) else [])]
-                  if isinstance(v, (int, float)) and math.isfinite(v)]
+        values = [max(f, FLOOR) for _, q, lim in series for f in map(_number, [*q, lim]) if f is not None]
         lo = math.floor(math.log10(min(values))) if values else -6
         hi = math.ceil(math.log10(max(values))) if values else 0
         hi = hi if hi > lo else lo + 1
@@ -108,10 +130,12 @@ def error_plot_svg(panels: dict[tuple[str, str], list[tuple[str, list[float], fl
                     f'font-size="10">share of probe rows ≤ x</text>')
         for j, (variant, q, limit) in enumerate(series):
             color = COLORS[variants.index(variant) % len(COLORS)]  # one colour per variant in every panel
-            qs = [float(v) for v in q if isinstance(v, (int, float)) and math.isfinite(v)]
             points, prev = [], None
-            for k, v in enumerate(qs):  # a step up at each quantile, as matplotlib's step(where="post")
-                share = k / max(len(qs) - 1, 1)
+            for k, raw in enumerate(q):  # a step up at each quantile, as matplotlib's step(where="post")
+                v = _number(raw)
+                if v is None:  # not a finite number: no point, and the others keep their shares
+                    continue
+                share = k / max(len(q) - 1, 1)
                 if prev is not None:
                     points.append(f"{sx(v):.1f},{sy(prev):.1f}")
                 points.append(f"{sx(v):.1f},{sy(share):.1f}")

@@ -44,6 +44,8 @@ def write_report(root: Path, report: dict[str, Any]) -> None:
     from .plot import PLOT_FILE, write_error_plot
 
     report.pop("plot", None)
+    # A bundle from before the SVG plot (add-adapter rewrites its report): its PNG would otherwise stay, hashed.
+    (root / "report" / "errors.png").unlink(missing_ok=True)
     if write_error_plot(report, root / PLOT_FILE):
         report["plot"] = PLOT_FILE
     write_json(root / PARITY_JSON, report)

@@ -123,6 +123,11 @@ def test_bert_bundles_are_written_and_the_rest_traced(factory, tmp_path):
     assert "not gelu" in unsupported_reason(_model(factory, "text-classification", hidden_act="gelu_new"),
                                             TASKS["text-classification"])
     assert "not one of" in unsupported_reason(_model_of(factory, "distilbert"), TASKS["text-classification"])
+    # An unmerged LoRA layer still has a .weight (its base's): refused, not written without its delta.
+    from peft import LoraConfig, get_peft_model
+
+    wrapped = get_peft_model(_model(factory, "text-classification"), LoraConfig(r=2, target_modules=["query"]))
+    assert "not a plain layer" in unsupported_reason(wrapped.base_model.model, TASKS["text-classification"])
     traced, report = factory.bundle("distilbert", "text-classification")
     assert report.passed
     assert onnx.load(str(traced / "onnx/model.onnx"), load_external_data=False).producer_name != "export-adapter"

@@ -207,6 +207,20 @@ def test_error_plot_escapes_names_from_the_bundle(tmp_path):
     assert not write_error_plot({"variants": {"fp32": {"thresholds": {}, "outputs": {"logits": {}}}}},
                                 tmp_path / "none.svg")
     assert not (tmp_path / "none.svg").exists()
+    # Malformed where parity never writes so: left out or drawn without what is wrong, never an exception, and
+    # always well-formed XML (a control character in a name would break it).
+    odd = {"variants": {
+        "a\x01b": {"thresholds": {"max_mean_kl": 10 ** 400}, "outputs": {"out\x1f": {
+            "distribution": {"metric": "kl", "quantiles": [1e-5, "x", None, float("inf"), 2e-3]}}}},
+        "c": {"thresholds": "not a dict", "outputs": {"logits": {"distribution": {"metric": "kl", "quantiles": 3}}}},
+        "d": "not a dict",
+        "e": {"thresholds": {"max_prob_diff": True}, "outputs": {"logits": {
+            "distribution": {"metric": "prob_max_abs_diff", "quantiles": [0.0, 0.1]}}}}}}
+    assert write_error_plot(odd, tmp_path / "odd.svg")
+    root = ElementTree.fromstring((tmp_path / "odd.svg").read_text(encoding="utf-8"))
+    texts = {t.text for t in root.iter("{http://www.w3.org/2000/svg}text")}
+    assert {"a?b", "out?", "e"} <= texts and "c" not in texts, texts
+    assert not [x for x in root.iter("{http://www.w3.org/2000/svg}line") if x.get("stroke-dasharray")]
 
 
 def test_verify_probe_texts_judges_quantized_variants_against_fp32(factory, tmp_path):
@@ -348,3 +362,16 @@ def test_verify_plot_writes_svg_without_matplotlib_and_png_asks_for_it(factory, 
     r = CliRunner().invoke(cli, ["verify", str(out), "--plot", str(tmp_path / "device.png")])
     assert r.exit_code == 1 and "needs matplotlib" in r.output and "or give a .svg file" in r.output, r.output
     assert not (tmp_path / "device.png").exists()
+
+
+def test_rewriting_a_report_drops_the_old_png_plot(factory, tmp_path):
+    """A bundle from before the SVG plot whose report is written again (add-adapter) keeps no stale PNG."""
+    from exporter.report import write_report
+
+    out, _ = factory.bundle("bert", "text-classification")
+    bundle = shutil.copytree(out, tmp_path / "old")
+    (bundle / "report" / "errors.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    report = json.loads((bundle / "parity.json").read_text())
+    write_report(bundle, report)
+    assert not (bundle / "report" / "errors.png").exists() and (bundle / "report" / "errors.svg").exists()
+    assert report["plot"] == "report/errors.svg"
