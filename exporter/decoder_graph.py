@@ -33,7 +33,7 @@ import numpy as np
 from .errors import UnsupportedError
 from .fusions import MS_DOMAIN
 from .generation import DecoderIO
-from .onnx_export import EXTERNAL_DATA_THRESHOLD, OnnxArtifact, check_opset, checked_artifact
+from .onnx_export import OnnxArtifact, check_opset, save_written_graph
 
 # GroupQueryAttention's attention_bias input: onnxruntime 1.20.1 refuses the graph. 1.22.0 and 1.24.4 run it and
 # match the traced graph within 2.1e-4 on SmolLM2's logits (1.32.0: 6.5e-5), left-padded prefill and three
@@ -77,7 +77,6 @@ def unsupported_reason(model) -> str | None:
 
 def export_fused_decoder(model, dio: DecoderIO, path: Path, opset: int) -> OnnxArtifact:
     """Write ``model`` (merged, float32, ``unsupported_reason`` None) as the fused graph at ``path``."""
-    import onnx
     import torch
     from onnx import TensorProto, helper, numpy_helper
 
@@ -220,18 +219,7 @@ def export_fused_decoder(model, dio: DecoderIO, path: Path, opset: int) -> OnnxA
     outputs += [helper.make_tensor_value_info(n, f32, [b, kv_heads, "total_sequence", head_dim])
                 for n in dio.present_names]
     graph = helper.make_graph(nodes, "decoder", inputs, outputs, inits)
-    model_proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
-                                                          helper.make_opsetid(MS_DOMAIN, 1)],
-                                    producer_name="export-adapter")
-    # The oldest IR the opsets allow, not the onnx package's newest: consumers pin older runtimes (transformers.js'
-    # onnxruntime-node refused IR 14, "max supported IR version: 13").
-    model_proto.ir_version = helper.find_min_ir_version_for(list(model_proto.opset_import), ignore_unknown=True)
-    if sum(t.ByteSize() for t in inits) > EXTERNAL_DATA_THRESHOLD:
-        onnx.save(model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=path.name + ".data")
-    else:
-        onnx.save(model_proto, str(path))
-    return checked_artifact(path, opset, dio.input_names, dio.output_names)
+    return save_written_graph(graph, path, opset, dio.input_names, dio.output_names)
 
 
 def _rms_norm(node, init, x: str, w: str, eps: float, scope: str, opset: int) -> str:

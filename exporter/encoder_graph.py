@@ -22,10 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from . import onnx_export
 from .errors import UnsupportedError
 from .fusions import MS_DOMAIN, contrib_op_counts, tune_for_cpu
-from .onnx_export import BATCH_AXIS, OnnxArtifact, check_opset, checked_artifact
+from .onnx_export import BATCH_AXIS, OnnxArtifact, check_opset, save_written_graph
 from .tasks import TaskSpec
 
 SEQ = "sequence"
@@ -93,7 +92,6 @@ def export_encoder_graph(model, task: TaskSpec, input_names: tuple[str, ...], po
                          opset: int) -> tuple[OnnxArtifact, dict[str, int]]:
     """Write ``model`` (merged, float32, ``unsupported_reason`` None) at ``path``, tuned for onnxruntime; the
     artifact and the contrib op counts (as ``fusions.fuse_transformer`` returns them)."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     check_opset(opset)
@@ -244,19 +242,11 @@ def export_encoder_graph(model, task: TaskSpec, input_names: tuple[str, ...], po
     graph = helper.make_graph(nodes, "encoder", inputs,
                               [helper.make_tensor_value_info(n, f32, dims) for n, dims in outputs], inits,
                               value_info=[helper.make_tensor_value_info(n, e, d) for n, (e, d) in infos.items()])
-    model_proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
-                                                          helper.make_opsetid(MS_DOMAIN, 1)],
-                                    producer_name="export-adapter")
-    # The oldest IR the opsets allow (consumers pin older runtimes; see decoder_graph.py).
-    model_proto.ir_version = helper.find_min_ir_version_for(list(model_proto.opset_import), ignore_unknown=True)
-    tune_for_cpu(model_proto, fused_attention=True)
-    fused = contrib_op_counts(model_proto.graph)
-    if sum(t.ByteSize() for t in model_proto.graph.initializer) > onnx_export.EXTERNAL_DATA_THRESHOLD:
-        onnx.save(model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=path.name + ".data")
-    else:
-        onnx.save(model_proto, str(path))
-    return checked_artifact(path, opset, tuple(input_names), tuple(n for n, _ in outputs)), fused
+    # Tuned as fusions.py tunes an exported graph; the model is only a holder for its opset here.
+    holder = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    tune_for_cpu(holder, fused_attention=True)
+    art = save_written_graph(holder.graph, path, opset, tuple(input_names), tuple(n for n, _ in outputs))
+    return art, contrib_op_counts(holder.graph)
 
 
 def _pooling(node, init, nodes: list, helper, x: str, pooling: dict[str, Any], opset: int, hidden: int) -> None:

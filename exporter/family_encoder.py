@@ -135,18 +135,20 @@ class EncoderBuild(FamilyBuild):
         from .fusions import ATTENTION_MIN_ONNXRUNTIME
         from .onnx_export import example_feeds, export_onnx, min_onnxruntime
 
+        written = None
         if self.written_graph and self.tune and self.ort_fusion:
             from .encoder_graph import export_encoder_graph, unsupported_reason
 
             reason = unsupported_reason(model, self.task)
             if reason is None:
-                art, fused = export_encoder_graph(model, self.task, self.names, self.pooling, path, opset)
-                self.min_ort = (min_onnxruntime(opset, ATTENTION_MIN_ONNXRUNTIME) if "MultiHeadAttention" in fused
-                                else None)
-                return art
-            log.info("tracing the encoder: the written graph does not cover this model (%s)", reason)
-        art = export_onnx(self.wrap(model), example_feeds(self.feeds[-1]), path, self.task, opset)
-        fused = self._tune_for_ort(art, self.ort_fusion)
+                written = export_encoder_graph(model, self.task, self.names, self.pooling, path, opset)
+            else:
+                log.info("tracing the encoder: the written graph does not cover this model (%s)", reason)
+        if written is not None:
+            art, fused = written
+        else:
+            art = export_onnx(self.wrap(model), example_feeds(self.feeds[-1]), path, self.task, opset)
+            fused = self._tune_for_ort(art, self.ort_fusion)
         self.min_ort = min_onnxruntime(opset, ATTENTION_MIN_ONNXRUNTIME) if "MultiHeadAttention" in fused else None
         return art
 

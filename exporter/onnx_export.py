@@ -225,6 +225,28 @@ def checked_artifact(path: Path, opset: int, input_names: tuple[str, ...],
                         tuple(output_names))
 
 
+def save_written_graph(graph, path: Path, opset: int, input_names: tuple[str, ...],
+                       output_names: tuple[str, ...]) -> OnnxArtifact:
+    """A graph written from the weights (decoder_graph.py, encoder_graph.py) as a model at ``path``: the
+    default and com.microsoft opsets, the oldest IR they allow, external data past the threshold; checked."""
+    import onnx
+    from onnx import helper
+
+    from .fusions import MS_DOMAIN
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, 1)],
+                              producer_name="export-adapter")
+    # The oldest IR the opsets allow, not the onnx package's newest: consumers pin older runtimes (transformers.js'
+    # onnxruntime-node refused IR 14, "max supported IR version: 13").
+    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    if sum(t.ByteSize() for t in graph.initializer) > EXTERNAL_DATA_THRESHOLD:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=path.name + ".data")
+    else:
+        onnx.save(model, str(path))
+    return checked_artifact(path, opset, tuple(input_names), tuple(output_names))
+
+
 def example_feeds(probe_feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A batch of 2 and a sequence of >= 3: torch.export specialises any dimension traced at size 1."""
     ids = probe_feeds["input_ids"]
