@@ -27,6 +27,7 @@ class DecoderBuild(FamilyBuild):
         self.dio = dio
         self.fused_graph = fused_graph  # try decoder_graph.py where the model allows it
         self.min_ort: str | None = None  # what the graph written needs beyond its opset (set by export)
+        self.in_place_cache = False  # the graph written appends to the KV buffers it is given (set by export)
         self.names = ("input_ids", "attention_mask")
         self.prompts = None  # tokenizer_files.DecoderPrompts
         self.max_new_tokens = 0
@@ -129,7 +130,7 @@ class DecoderBuild(FamilyBuild):
     def export(self, model, path: Path, opset: int):
         from .decoder import export_decoder
 
-        self.min_ort = None
+        self.min_ort, self.in_place_cache = None, False
         if self.fused_graph:
             from .decoder_graph import MIN_ONNXRUNTIME, export_fused_decoder, unsupported_reason
             from .onnx_export import min_onnxruntime
@@ -138,6 +139,7 @@ class DecoderBuild(FamilyBuild):
             if reason is None:
                 art = export_fused_decoder(model, self.dio, path, opset)
                 self.min_ort = min_onnxruntime(opset, MIN_ONNXRUNTIME)
+                self.in_place_cache = True
                 return art
             log.info("tracing the decoder: the fused graph does not cover this model (%s)", reason)
         wrapper = self.wrap(model)
@@ -147,7 +149,8 @@ class DecoderBuild(FamilyBuild):
         from .decoder import decoder_example
         from .swap_export import export_swappable, make_swappable
 
-        self.min_ort = None  # traced: the adapter interface needs the traced graph's LoRA inputs
+        # traced: the adapter interface needs the traced graph's LoRA inputs
+        self.min_ort, self.in_place_cache = None, False
         wrapper = make_swappable(self.wrap(model), len(self.dio.input_names), interface)
         example, shapes = decoder_example(self.dio)
         return export_swappable(wrapper, model, interface, example, shapes, self.dio.input_names,
@@ -172,7 +175,7 @@ class DecoderBuild(FamilyBuild):
             **({"min_onnxruntime": self.min_ort} if self.min_ort else {}),
             "family": "decoder",
             "labels": None,
-            "decoder": dio.to_json(),
+            "decoder": {**dio.to_json(), **({"in_place_cache": True} if self.in_place_cache else {})},
             "inputs": [{"name": n, "dtype": "float32" if n.startswith("past") else "int64",
                         "axes": (["batch", "num_kv_heads", "past_sequence", "head_dim"] if n.startswith("past") else
                                  ["batch", "total_sequence"] if n == "attention_mask" else ["batch", "sequence"])}

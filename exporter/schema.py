@@ -285,6 +285,12 @@ MANIFEST_SCHEMA: dict[str, Any] = {
         "pooling": {"type": ["object", "null"]},
         "family": {"enum": ["decoder"], "description": "present for decoder (text-generation) bundles"},
         "decoder": {"type": "object", "required": ["num_layers", "num_kv_heads", "head_dim", "uses_position_ids"],
+                    "properties": {"in_place_cache": {
+                        "type": "boolean",
+                        "description": "true: the graph's GroupQueryAttention, given the same buffer as "
+                                       "past_key_values.{i}.* and present.{i}.*, writes each step into it "
+                                       "(past_present_share_buffer; buffers may be longer than attention_mask, "
+                                       "which sets the length); fp16 variants excepted"}},
                     "description": "KV-cache layout: past_key_values.{i}.key/value are (batch, num_kv_heads, "
                                    "past_sequence, head_dim)"},
         "generation": {"type": "object", "required": ["eos_token_ids", "context_length"],

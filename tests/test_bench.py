@@ -95,3 +95,28 @@ def test_bench_bad_options_exit_with_one_line(factory, args, code, message):
     r = CliRunner().invoke(cli, ["bench", str(bundle), "--rounds", "1", "--warmup", "0", "--no-memory", *args])
     assert r.exit_code == code, r.output
     assert message in r.output and "Traceback" not in r.output
+
+
+def test_bench_decode_on_kv_buffers_computes_what_session_run_does(factory):
+    """bench times a fused decoder's decode step on KV buffers (as generate runs it), called again and again
+    at one position: each call must give session.run's logits for the same inputs and cache."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from exporter.bench import Case, make_feeds
+    from exporter.generation import DecoderIO
+    from exporter.runtime import KVBuffers, in_place_cache
+
+    bundle, _ = factory.decoder_bundle("llama")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert in_place_cache(manifest, "int4")
+    io = DecoderIO.from_json(manifest["decoder"])
+    session = ort.InferenceSession(str(bundle / manifest["variants"]["int4"]["file"]),
+                                   providers=["CPUExecutionProvider"])
+    feeds = make_feeds(session, Case("decode @12", "decode", 1, 1, 12), 100)
+    want = session.run(["logits"], feeds)[0]
+    kv = KVBuffers(session, io)
+    kv.load([feeds.pop(n) for n in io.past_names], 13)
+    for _ in range(3):
+        got = kv.run(feeds)
+        assert got.shape == want.shape and np.abs(got - want).max() < 1e-5

@@ -143,3 +143,46 @@ def test_swappable_llama_bundles_are_traced_and_ask_for_their_opsets_onnxruntime
     manifest = json.loads((out / "manifest.json").read_text())
     assert "GroupQueryAttention" not in _ops(out / manifest["variants"]["fp32"]["file"])
     assert manifest["min_onnxruntime"] == MIN_ORT_FOR_OPSET[manifest["opset"]]
+
+
+def test_generate_appends_to_one_kv_buffer_per_layer_where_the_graph_allows_it(factory):
+    """Fused graphs' GroupQueryAttention writes each step into the buffer bound as both past and present
+    (runtime.InPlaceStep): the same logits and tokens as session.run's concatenated cache, over a left-padded
+    batch and enough steps that the buffers grow; fp16 (its cache passes through Casts) and traced graphs do not."""
+    import onnxruntime as ort
+
+    from exporter.generation import DecoderIO, greedy, next_feeds, prefill_feeds
+    from exporter.runtime import BundleGenerator, InPlaceStep, in_place_cache
+
+    out, _ = factory.decoder_bundle("llama")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["decoder"]["in_place_cache"] is True
+    assert not in_place_cache(manifest, "fp16")
+    io = DecoderIO.from_json(manifest["decoder"])
+    vocab = json.loads((out / "config.json").read_text())["vocab_size"]
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, vocab, (3, 9))
+    mask = np.ones_like(ids)
+    mask[1, :4], mask[2, :7] = 0, 0
+    for variant in ("fp32", "int8", "int4"):
+        assert in_place_cache(manifest, variant)
+        session = ort.InferenceSession(str(out / manifest["variants"][variant]["file"]),
+                                       providers=["CPUExecutionProvider"])
+        names = list(io.output_names)
+        want = greedy(lambda f, s=session: dict(zip(names, s.run(names, f))), io, ids, mask, 10)
+        step = InPlaceStep(session, io, headroom=2)  # 9 + 2 positions: the buffers double once on the way
+        got = greedy(step, io, ids, mask, 10)
+        assert step.kv.capacity == 22 and step.kv.length == 18
+        # The same kernels on the same numbers: only the cache's memory differs. Had a step not been written
+        # into the buffers, the next one would read zeros there and its logits would move.
+        assert np.abs(got.step_logits - want.step_logits).max() < 1e-5, variant
+        assert (got.tokens == want.tokens).all(), variant
+        cont = step(next_feeds(io, prefill_feeds(io, ids, mask), step(prefill_feeds(io, ids, mask)), ids[:, 0]))
+        assert np.shares_memory(cont["present.0.key"], step.kv.arrays[0])  # the cache returned is the buffer
+    gen = BundleGenerator(out, "int4")
+    assert isinstance(gen._in_place, InPlaceStep)
+    text = gen.generate("hello there", max_new_tokens=6)
+    gen._in_place = None  # session.run's concatenated cache
+    assert gen.generate("hello there", max_new_tokens=6) == text
+    traced, _ = factory.decoder_bundle("mistral")
+    assert "in_place_cache" not in json.loads((traced / "manifest.json").read_text())["decoder"]
