@@ -66,8 +66,11 @@ def portable_tokenizer_config(staging: Path, manifest: dict[str, Any]) -> dict[s
 
 
 def genai_config(staging: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """onnxruntime-genai's description of the default variant's graph. The graph concatenates its cache
-    (present = past + new), so the past and present buffers are not shared."""
+    """onnxruntime-genai's description of the default variant's graph. Where its GroupQueryAttention appends
+    to the cache in place (runtime.in_place_cache), genai shares the past and present buffers, as its own
+    builder's graphs do; a traced graph concatenates (present = past + new), so they are not shared."""
+    from .runtime import in_place_cache
+
     config = json.loads((staging / "config.json").read_text(encoding="utf-8"))
     dec, gen, tok = manifest["decoder"], manifest["generation"], manifest["tokenizer"]
     names = {i["name"] for i in manifest["inputs"]}
@@ -96,6 +99,7 @@ def genai_config(staging: Path, manifest: dict[str, Any]) -> dict[str, Any]:
             },
         },
         "search": {"do_sample": False, "num_beams": 1, "max_length": gen["context_length"], "min_length": 0,
-                   "past_present_share_buffer": False, "repetition_penalty": 1.0, "temperature": 1.0,
+                   "past_present_share_buffer": in_place_cache(manifest, manifest["default_variant"]),
+                   "repetition_penalty": 1.0, "temperature": 1.0,
                    "top_k": 1, "top_p": 1.0},
     }

@@ -85,8 +85,15 @@ def test_genai_config_describes_the_default_variant(decoder_bundle):
     assert decoder["num_hidden_layers"] == manifest["decoder"]["num_layers"]
     assert decoder["num_key_value_heads"] == manifest["decoder"]["num_kv_heads"]
     assert decoder["head_size"] == manifest["decoder"]["head_dim"]
-    assert config["search"]["past_present_share_buffer"] is False
+    # The fused graph's GroupQueryAttention appends to the buffers genai shares; a traced graph concatenates.
+    assert config["search"]["past_present_share_buffer"] is True and manifest["decoder"]["in_place_cache"]
     assert "genai_config.json" in manifest["files"]
+
+
+def test_genai_config_of_a_traced_decoder_does_not_share_its_buffers(factory):
+    traced, _ = factory.decoder_bundle("mistral")
+    config = json.loads((traced / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is False
 
 
 # --- the consumers themselves ---------------------------------------------------------------------------------

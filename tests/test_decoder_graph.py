@@ -164,11 +164,11 @@ def test_generate_appends_to_one_kv_buffer_per_layer_where_the_graph_allows_it(f
     ids = rng.integers(3, vocab, (3, 9))
     mask = np.ones_like(ids)
     mask[1, :4], mask[2, :7] = 0, 0
+    names = list(io.output_names)
     for variant in ("fp32", "int8", "int4"):
         assert in_place_cache(manifest, variant)
         session = ort.InferenceSession(str(out / manifest["variants"][variant]["file"]),
                                        providers=["CPUExecutionProvider"])
-        names = list(io.output_names)
         want = greedy(lambda f, s=session: dict(zip(names, s.run(names, f))), io, ids, mask, 10)
         step = InPlaceStep(session, io, headroom=2)  # 9 + 2 positions: the buffers double once on the way
         got = greedy(step, io, ids, mask, 10)
