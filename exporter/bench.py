@@ -145,7 +145,13 @@ def _load(root: Path, manifest: dict[str, Any], variant: str, spec: BenchSpec, c
     entry = manifest["variants"][variant]
     session = make_session(root / graph_file(root, entry, spec.ort_format), threads=spec.threads,
                            config=bundle_session_config(manifest, dict(spec.session_config)))
-    loaded = _Loaded(session)
+    return _Loaded(session, _case_calls(session, manifest, variant, cases, vocab, run_options))
+
+
+def _case_calls(session, manifest: dict[str, Any], variant: str, cases: list[Case], vocab: int,
+                run_options=None) -> dict[str, Callable[[], Any]]:
+    """One call per case, as ``generate`` would run it."""
+    calls: dict[str, Callable[[], Any]] = {}
     for c in cases:
         feeds = make_feeds(session, c, vocab)
         if c.kind == "decode" and in_place_cache(manifest, variant):
@@ -153,10 +159,10 @@ def _load(root: Path, manifest: dict[str, Any], variant: str, spec: BenchSpec, c
             kv = KVBuffers(session, io, run_options)
             kv.load([feeds.pop(n) for n in io.past_names], c.past + c.tokens)
             # Every call writes its step at the same position: the same work each round.
-            loaded.calls[c.name] = lambda kv=kv, f=feeds: kv.run(f)
+            calls[c.name] = lambda kv=kv, f=feeds: kv.run(f)
         else:
-            loaded.calls[c.name] = lambda f=feeds: session.run(None, f, run_options)
-    return loaded
+            calls[c.name] = lambda f=feeds: session.run(None, f, run_options)
+    return calls
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -176,8 +182,9 @@ def _child_measure(request: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     loaded = _load(root, manifest, request["variant"], spec, [], vocab)
     load_s = time.perf_counter() - t0
-    for c in cases:
-        loaded.session.run(None, make_feeds(loaded.session, c, vocab), active.run_options if active else None)
+    options = active.run_options if active else None
+    for call in _case_calls(loaded.session, manifest, request["variant"], cases, vocab, options).values():
+        call()
     import resource  # POSIX; the parent skips memory where it is missing
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

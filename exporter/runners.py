@@ -11,7 +11,7 @@ import numpy as np
 
 from .parity import compare_variant
 from .probes import GREEDY_TOKENS, encode, user_batches
-from .runtime import output_infos, run_session, text_input_names
+from .runtime import InPlaceStep, output_infos, run_session, text_input_names
 from .tasks import family_of
 
 
@@ -37,7 +37,7 @@ class EncoderRunner:
         feeds = [encode(tok, [texts[i] for i in b], text_input_names(manifest)) for b in batches]
         return {"texts": list(texts), "batches": [list(b) for b in batches]}, feeds
 
-    def run(self, session, run_options=None) -> list[dict[str, np.ndarray]]:
+    def run(self, session, run_options=None, in_place: bool = False) -> list[dict[str, np.ndarray]]:
         return [dict(zip(self.output_names, run_session(session, self.output_names, feeds, run_options)))
                 for feeds in self.inputs]
 
@@ -75,7 +75,9 @@ class DecoderRunner:
         feeds = [encode(tok, [texts[i] for i in b], text_input_names(manifest)) for b in batches]
         return {"texts": list(texts), "batches": [list(b) for b in batches], "max_new_tokens": GREEDY_TOKENS}, feeds
 
-    def run(self, session, run_options=None) -> list:
+    def run(self, session, run_options=None, in_place: bool = False) -> list:
+        """Greedy runs of every probe batch; ``in_place``: the KV cache in one buffer per layer, as ``generate``
+        runs the variant (runtime.in_place_cache), so the gates judge that path."""
         from .generation import greedy
 
         names = list(self.dio.output_names)
@@ -84,7 +86,10 @@ class DecoderRunner:
             return dict(zip(names, run_session(session, names, {n: feeds[n] for n in self.dio.input_names},
                                                run_options)))
 
-        return [greedy(step, self.dio, b["input_ids"], b["attention_mask"], self.n_new) for b in self.inputs]
+        def stepper():
+            return InPlaceStep(session, self.dio, run_options) if in_place else step
+
+        return [greedy(stepper(), self.dio, b["input_ids"], b["attention_mask"], self.n_new) for b in self.inputs]
 
     def as_reference(self, runs) -> list[dict[str, np.ndarray]]:
         return [{"logits": r.prefill_logits, "tokens": r.tokens, "margins": r.margins} for r in runs]

@@ -250,10 +250,16 @@ def chat_prompt(template: str | None, prompt: str, bos_token: str = "", eos_toke
 
 def in_place_cache(manifest: dict[str, Any], variant: str) -> bool:
     """Whether this variant's graph appends each step to a KV buffer it is given, so one buffer per layer can
-    serve every step: the fused decoder graph (manifest ``decoder.in_place_cache``), whose GroupQueryAttention
-    reads ``past_key_values`` directly, except in fp16, where the cache passes through Casts."""
+    serve every step: the fused decoder graph (manifest ``decoder.in_place_cache``, only with
+    ``onnxruntime_fusions``), whose GroupQueryAttention reads ``past_key_values`` directly. Not fp16: its cache
+    passes through Casts, which copy the whole buffer every step, so the plain way is no slower."""
     entry = manifest["variants"].get(variant) or {}
-    return bool((manifest.get("decoder") or {}).get("in_place_cache")) and entry.get("dtype") != "float16"
+    return (bool((manifest.get("decoder") or {}).get("in_place_cache")) and manifest.get("onnxruntime_fusions") is True
+            and entry.get("dtype") != "float16")
+
+
+# What a graph that does not append in place fails with, bound this way: the manifest's claim is then wrong.
+_IN_PLACE_FAILED = "onnxruntime cannot run the graph with its KV cache written in place (manifest decoder.in_place_cache)"
 
 
 class KVBuffers:
@@ -262,32 +268,41 @@ class KVBuffers:
     GroupQueryAttention, given the same memory for past and present, writes the new step's keys and values at
     its position and leaves the rest, instead of copying the whole cache into a new present each step (SmolLM2
     int4 at context 128: 1 ms of a 16 ms step, issue 15). The buffers hold ``capacity`` positions; only the first
-    ``total`` (the attention mask's length) are read. They grow by doubling when a step needs more.
+    ``total`` (the attention mask's length) are read. They grow by doubling, up to ``limit`` positions (the
+    model's context length) unless a step needs more. Not thread-safe: one step at a time.
     """
 
-    def __init__(self, session, io, run_options=None) -> None:
-        self.session, self.io, self.run_options = session, io, run_options
+    def __init__(self, session, io, run_options=None, limit: int | None = None) -> None:
+        self.session, self.io, self.run_options, self.limit = session, io, run_options, limit
         self.arrays: list[np.ndarray] = []
         self.values: list[Any] = []
         self.length = 0  # positions written
         self._binding: Any = None
+        self._fed: list[Any] = []  # the step's input OrtValues, alive until the next step
 
     @property
     def capacity(self) -> int:
         return self.arrays[0].shape[2] if self.arrays else 0
+
+    @property
+    def batch(self) -> int:
+        return self.arrays[0].shape[0] if self.arrays else 0
 
     def load(self, past: list[np.ndarray], capacity: int) -> None:
         """Copy a cache (one (batch, kv_heads, length, head_dim) array per past input) into fresh buffers."""
         import onnxruntime as ort
 
         length = past[0].shape[2]
+        if self.limit:
+            capacity = min(capacity, self.limit)
         capacity = max(capacity, length + 1)
-        self.arrays = []
+        arrays = []
         for p in past:
             buf = np.zeros((p.shape[0], p.shape[1], capacity, p.shape[3]), np.float32)
             buf[:, :, :length] = p
-            self.arrays.append(buf)
-        self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]
+            arrays.append(buf)
+        self.arrays = arrays
+        self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
         self.length = length
         self._binding = self.session.io_binding()
         for past_name, present, value in zip(self.io.past_names, self.io.present_names, self.values):
@@ -295,7 +310,13 @@ class KVBuffers:
             self._binding.bind_ortvalue_output(present, value)
 
     def views(self, length: int) -> list[np.ndarray]:
-        return [a[:, :, :length] for a in self.arrays]
+        """The first ``length`` positions of each buffer, read-only: a later step writes after them, never in."""
+        out = []
+        for a in self.arrays:
+            v = a[:, :, :length]
+            v.flags.writeable = False
+            out.append(v)
+        return out
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """One step on the buffers (``feeds``: ids, mask, positions); returns the logits."""
@@ -303,50 +324,60 @@ class KVBuffers:
 
         total = feeds["attention_mask"].shape[1]
         if total > self.capacity:
-            self.load(self.views(self.length), max(total, 2 * self.capacity))
+            grown = 2 * self.capacity if not self.limit else min(2 * self.capacity, self.limit)
+            self.load(self.views(self.length), max(total, grown))
         binding = self._binding
-        for name, value in feeds.items():
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)))
+        self._fed = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for v in feeds.values()]
+        for name, value in zip(feeds, self._fed):
+            binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
         try:
             self.session.run_with_iobinding(binding, self.run_options)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own InvalidArgument/Fail types
-            raise BundleError(f"onnxruntime cannot run the graph ({str(e).splitlines()[0][:160]})") from None
+            raise BundleError(f"{_IN_PLACE_FAILED}: {str(e).splitlines()[0][:160]}") from None
         self.length = total
         return binding.get_outputs()[-1].numpy()
 
 
 class InPlaceStep:
     """A generation.Step over an in-place graph: the same outputs as ``session.run``, the cache kept in
-    KVBuffers. A step whose past is the cache this object returned last continues in the buffers; any other
-    (a prefill, a past from elsewhere) runs plainly and its present is copied in."""
+    KVBuffers and returned as read-only views of them. A step continues in the buffers only when every past it
+    is given is the view this object returned last, for the same batch, one step on; anything else (a prefill,
+    a rewind, a cache from elsewhere) runs plainly and its present is copied in. Not thread-safe."""
 
-    def __init__(self, session, io, run_options=None, headroom: int = 256) -> None:
+    def __init__(self, session, io, run_options=None, headroom: int = 256, limit: int | None = None) -> None:
         self.session, self.io, self.run_options, self.headroom = session, io, run_options, headroom
-        self.kv = KVBuffers(session, io, run_options)
+        self.kv = KVBuffers(session, io, run_options, limit)
         self._inputs = [n for n in io.input_names if n in {i.name for i in session.get_inputs()}]
-        self._last: np.ndarray | None = None  # the first present this object returned, to recognise its cache
+        self._last: list[np.ndarray] = []  # the presents returned last: the cache a continuing step passes back
+
+    def _continues(self, feeds: dict[str, np.ndarray]) -> bool:
+        new = feeds["input_ids"].shape
+        return (bool(self._last) and all(feeds[n] is v for n, v in zip(self.io.past_names, self._last))
+                and new[0] == self.kv.batch and feeds["attention_mask"].shape[1] - new[1] == self.kv.length)
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         io = self.io
         total = feeds["attention_mask"].shape[1]
-        if self._last is None or feeds[io.past_names[0]] is not self._last:
+        if self._continues(feeds):
+            step = {n: feeds[n] for n in self._inputs if not n.startswith("past_key_values.")}
+            out = {"logits": self.kv.run(step)}
+        else:
             names = list(io.output_names)
             plain = {n: np.ascontiguousarray(feeds[n]) for n in self._inputs}
             out = dict(zip(names, run_session(self.session, names, plain, self.run_options)))
             self.kv.load([out[n] for n in io.present_names], total + self.headroom)
-        else:
-            step = {n: feeds[n] for n in self._inputs if not n.startswith("past_key_values.")}
-            out = {"logits": self.kv.run(step)}
-        out.update(zip(io.present_names, self.kv.views(total)))
-        self._last = out[io.present_names[0]]
+        self._last = self.kv.views(total)
+        out.update(zip(io.present_names, self._last))
         return out
 
 
 class BundleGenerator:
     """Text generation with a decoder bundle, without torch: ``BundleGenerator(path).stream("Hello")``.
 
-    Keeps the KV cache between steps (onnxruntime outputs present.* feed the next step's past_key_values).
+    Keeps the KV cache between steps (onnxruntime outputs present.* feed the next step's past_key_values; in
+    one buffer per layer where the graph appends in place, ``InPlaceStep``). One stream at a time: not
+    thread-safe.
     """
 
     def __init__(self, root: Path | str, variant: str | None = None, providers: list[str] | None = None,
@@ -371,8 +402,8 @@ class BundleGenerator:
         self.session = make_session(self.root / graph_file(self.root, variants[self.variant], ort_format), providers,
                                     threads, bundle_session_config(self.manifest))
         options = self._active.run_options if self._active else None
-        self._in_place = InPlaceStep(self.session, self.io, options) if in_place_cache(self.manifest, self.variant) \
-            else None
+        self._in_place = (InPlaceStep(self.session, self.io, options, limit=int(self.gen.get("context_length", 2048)))
+                          if in_place_cache(self.manifest, self.variant) else None)
 
     def step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._in_place is not None:

@@ -30,6 +30,7 @@ from .runtime import (
     bundle_tokenizer,
     check_providers,
     check_threads,
+    in_place_cache,
     make_session,
     text_input_names,
 )
@@ -63,7 +64,7 @@ def evaluate_variants(
         entry = manifest["variants"][name]
         try:
             session = make_session(root / entry["file"], providers, threads, config)
-            outputs = runner.run(session)
+            outputs = runner.run(session, in_place=in_place_cache(manifest, name))
         except ExporterError as e:
             results[name] = {"file": entry["file"], "passed": False, "thresholds": entry["thresholds"],
                              "outputs": {}, "failures": [str(e)]}
@@ -79,7 +80,7 @@ def evaluate_variants(
         results[name] = {"file": entry["file"], **result}
         if entry.get("ort_file"):
             _evaluate_ort(root, entry, runner, reference, base if name != "fp32" else None, results[name],
-                          providers, threads, config)
+                          providers, threads, config, in_place_cache(manifest, name))
         if entry.get("user_tolerances"):
             results[name]["user_tolerances"] = entry["user_tolerances"]
         if section:
@@ -88,10 +89,11 @@ def evaluate_variants(
 
 
 def _evaluate_ort(root: Path, entry: dict[str, Any], runner, reference, base, result: dict,
-                  providers: list[str] | None, threads: int | None, config: dict[str, str]) -> None:
+                  providers: list[str] | None, threads: int | None, config: dict[str, str], in_place: bool) -> None:
     """The variant's .ort file (export --ort-format) on the same probes, judged with the same thresholds."""
     try:
-        judged = runner.judge(runner.run(make_session(root / entry["ort_file"], providers, threads, config)), reference,
+        session = make_session(root / entry["ort_file"], providers, threads, config)
+        judged = runner.judge(runner.run(session, in_place=in_place), reference,
                               entry["thresholds"], base)
     except ExporterError as e:
         judged = {"passed": False, "outputs": {}, "failures": [str(e)]}
@@ -171,14 +173,16 @@ def check_on_texts(root: Path, manifest: dict[str, Any], texts: tuple[str, ...],
     runner = kind(manifest, probes, feeds)
     config = bundle_session_config(manifest)
     reference = runner.as_reference(runner.run(make_session(root / manifest["variants"]["fp32"]["file"],
-                                                            providers, threads, config)))
+                                                            providers, threads, config),
+                                               in_place=in_place_cache(manifest, "fp32")))
     results = {}
     for name in names:
         if name == "fp32":
             continue
         entry = manifest["variants"][name]
         try:
-            outputs = runner.run(make_session(root / entry["file"], providers, threads, config))
+            outputs = runner.run(make_session(root / entry["file"], providers, threads, config),
+                                 in_place=in_place_cache(manifest, name))
         except ExporterError as e:
             results[name] = {"passed": False, "outputs": {}, "failures": [str(e)]}
             continue

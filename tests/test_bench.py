@@ -120,3 +120,22 @@ def test_bench_decode_on_kv_buffers_computes_what_session_run_does(factory):
     for _ in range(3):
         got = kv.run(feeds)
         assert got.shape == want.shape and np.abs(got - want).max() < 1e-5
+
+
+def test_bench_times_a_fused_decoders_decode_steps_on_kv_buffers(factory, monkeypatch):
+    """The path bench times is generate's: KVBuffers for the variants that append in place, not fp16."""
+    import exporter.bench as bench
+    from exporter.runtime import KVBuffers
+
+    ran: list[int] = []
+
+    class Counting(KVBuffers):
+        def run(self, feeds):
+            ran.append(feeds["attention_mask"].shape[1])
+            return super().run(feeds)
+
+    monkeypatch.setattr(bench, "KVBuffers", Counting)
+    bundle, _ = factory.decoder_bundle("llama")
+    bench.run_bench(bench.BenchSpec(bundle, variants=("int4", "fp16"), contexts=(8,), rounds=2, warmup=1,
+                                    memory=False))
+    assert ran == [9] * 3  # int4's decode @8, 3 rounds; fp16's ran plainly

@@ -148,7 +148,8 @@ def test_swappable_llama_bundles_are_traced_and_ask_for_their_opsets_onnxruntime
 def test_generate_appends_to_one_kv_buffer_per_layer_where_the_graph_allows_it(factory):
     """Fused graphs' GroupQueryAttention writes each step into the buffer bound as both past and present
     (runtime.InPlaceStep): the same logits and tokens as session.run's concatenated cache, over a left-padded
-    batch and enough steps that the buffers grow; fp16 (its cache passes through Casts) and traced graphs do not."""
+    batch and enough steps that the buffers grow; fp16 (its cache passes through Casts, so no gain) and traced
+    graphs run the plain way, and a bundle that claims it for a graph that concatenates fails in one line."""
     import onnxruntime as ort
 
     from exporter.generation import DecoderIO, greedy, next_feeds, prefill_feeds
@@ -177,8 +178,27 @@ def test_generate_appends_to_one_kv_buffer_per_layer_where_the_graph_allows_it(f
         # into the buffers, the next one would read zeros there and its logits would move.
         assert np.abs(got.step_logits - want.step_logits).max() < 1e-5, variant
         assert (got.tokens == want.tokens).all(), variant
-        cont = step(next_feeds(io, prefill_feeds(io, ids, mask), step(prefill_feeds(io, ids, mask)), ids[:, 0]))
-        assert np.shares_memory(cont["present.0.key"], step.kv.arrays[0])  # the cache returned is the buffer
+    # A continuing step stays in the same buffers; a cache that is not the one returned last (a rewind, one
+    # layer's past swapped) runs plainly and gives session.run's logits; the cache returned is read-only.
+    session = ort.InferenceSession(str(out / manifest["variants"]["int4"]["file"]), providers=["CPUExecutionProvider"])
+    step = InPlaceStep(session, io)
+    first = prefill_feeds(io, ids, mask)
+    out0 = step(first)
+    buffers = step.kv.arrays[0]
+    feeds1 = next_feeds(io, first, out0, ids[:, 0])
+    out1 = step(feeds1)
+    assert step.kv.arrays[0] is buffers and not out1["present.0.key"].flags.writeable
+    with pytest.raises(ValueError):
+        out1["present.0.key"][...] = 0
+    def plain(feeds):
+        return session.run(["logits"], {n: np.ascontiguousarray(v) for n, v in feeds.items()})[0]
+
+    rewind = plain(feeds1)  # feeds1's past is out0's, a step behind the buffers
+    assert np.abs(step(feeds1)["logits"] - rewind).max() < 1e-5
+    feeds2 = next_feeds(io, feeds1, step(feeds1), ids[:, 1])
+    swapped = {**feeds2, "past_key_values.1.key": np.array(feeds2["past_key_values.1.key"]) * 0.5}
+    assert np.abs(step(swapped)["logits"] - plain(swapped)).max() < 1e-5
+    assert np.abs(step(swapped)["logits"] - plain(feeds2)).max() > 1e-3  # the swap matters
     gen = BundleGenerator(out, "int4")
     assert isinstance(gen._in_place, InPlaceStep)
     text = gen.generate("hello there", max_new_tokens=6)
@@ -186,3 +206,27 @@ def test_generate_appends_to_one_kv_buffer_per_layer_where_the_graph_allows_it(f
     assert gen.generate("hello there", max_new_tokens=6) == text
     traced, _ = factory.decoder_bundle("mistral")
     assert "in_place_cache" not in json.loads((traced / "manifest.json").read_text())["decoder"]
+
+
+def test_a_bundle_that_claims_an_in_place_cache_for_a_traced_graph_fails_in_one_line(factory, tmp_path):
+    """decoder.in_place_cache comes from a stranger's manifest: on a graph that concatenates its cache, verify
+    and generate (which run the variant the same way) refuse it with the claim named, no traceback."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from exporter.cli import cli
+    from exporter.formats import sha256_file
+
+    traced, _ = factory.decoder_bundle("mistral")
+    bundle = tmp_path / "forged"
+    shutil.copytree(traced, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["decoder"]["in_place_cache"] = True
+    manifest["onnxruntime_fusions"] = True
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    (bundle / "manifest.json.sha256").write_text(f"{sha256_file(bundle / 'manifest.json')}  manifest.json\n")
+    r = CliRunner().invoke(cli, ["verify", str(bundle), "--variant", "int4"])
+    assert r.exit_code == 3 and "decoder.in_place_cache" in r.output and "Traceback" not in r.output, r.output
+    r = CliRunner().invoke(cli, ["generate", str(bundle), "hello", "--variant", "int4", "--max-new-tokens", "3"])
+    assert r.exit_code == 1 and "decoder.in_place_cache" in r.output and "Traceback" not in r.output, r.output
