@@ -62,7 +62,7 @@ def main() -> None:
     from exporter.decoder import decoder_io, make_decoder_wrapper, torch_step
     from exporter.generation import next_feeds, prefill_feeds
     from exporter.loading import resolve_base_name
-    from exporter.runtime import InPlaceStep
+    from exporter.runtime import InPlaceStep, session_step
 
     torch.set_num_threads(1)
     print(f"CPU: {cpu_features()['isa']} ({cpu_features()['model']}); onnxruntime {ort.__version__}, "
@@ -117,12 +117,7 @@ def main() -> None:
             df.update({k: present[k.replace("past_key_values", "present")] for k in names if k.startswith("past")})
             # The graphs with GroupQueryAttention (fused, genai) step the way generate runs them: the cache in
             # one buffer per layer that the attention appends to (runtime.InPlaceStep); traced graphs concatenate.
-            ort_step = InPlaceStep(s, dio) if "traced" not in name else None
-            if ort_step is None:
-                outs = [o.name for o in s.get_outputs()]
-
-                def ort_step(feeds, s=s, names=names, outs=outs):
-                    return dict(zip(outs, s.run(None, {k: v for k, v in feeds.items() if k in names})))
+            ort_step = InPlaceStep(s, dio) if "traced" not in name else session_step(s, dio)
 
             engines[name] = (lambda s=s, f=pf: s.run(None, f), lambda s=s, f=df: s.run(None, f),
                              lambda st=ort_step, f=df: burst(st, f))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .bundle import write_json
+from .runtime import in_place_cache
 from .tasks import family_of
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -69,8 +70,6 @@ def genai_config(staging: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """onnxruntime-genai's description of the default variant's graph. Where its GroupQueryAttention appends
     to the cache in place (runtime.in_place_cache), genai shares the past and present buffers, as its own
     builder's graphs do; a traced graph concatenates (present = past + new), so they are not shared."""
-    from .runtime import in_place_cache
-
     config = json.loads((staging / "config.json").read_text(encoding="utf-8"))
     dec, gen, tok = manifest["decoder"], manifest["generation"], manifest["tokenizer"]
     names = {i["name"] for i in manifest["inputs"]}

@@ -11,7 +11,7 @@ import numpy as np
 
 from .parity import compare_variant
 from .probes import GREEDY_TOKENS, encode, user_batches
-from .runtime import InPlaceStep, output_infos, run_session, text_input_names
+from .runtime import InPlaceStep, output_infos, run_session, session_step, text_input_names
 from .tasks import family_of
 
 
@@ -80,14 +80,9 @@ class DecoderRunner:
         runs the variant (runtime.in_place_cache), so the gates judge that path."""
         from .generation import greedy
 
-        names = list(self.dio.output_names)
-
-        def step(feeds):
-            return dict(zip(names, run_session(session, names, {n: feeds[n] for n in self.dio.input_names},
-                                               run_options)))
-
         def stepper():
-            return InPlaceStep(session, self.dio, run_options) if in_place else step
+            return (InPlaceStep(session, self.dio, run_options) if in_place
+                    else session_step(session, self.dio, run_options))
 
         return [greedy(stepper(), self.dio, b["input_ids"], b["attention_mask"], self.n_new) for b in self.inputs]
 

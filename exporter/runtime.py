@@ -258,6 +258,19 @@ def in_place_cache(manifest: dict[str, Any], variant: str) -> bool:
             and entry.get("dtype") != "float16")
 
 
+def session_step(session, io, run_options=None):
+    """A generation.Step over ``session.run``: the inputs the graph has (a past may be a view of a buffer,
+    which onnxruntime needs contiguous), every output by name; the cache comes back as new arrays."""
+    inputs = [n for n in io.input_names if n in {i.name for i in session.get_inputs()}]
+    names = list(io.output_names)
+
+    def step(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        plain = {n: np.ascontiguousarray(feeds[n]) for n in inputs}
+        return dict(zip(names, run_session(session, names, plain, run_options)))
+
+    return step
+
+
 # What a graph that does not append in place fails with, bound this way: the manifest's claim is then wrong.
 _IN_PLACE_FAILED = "onnxruntime cannot run the graph with its KV cache written in place (manifest decoder.in_place_cache)"
 
@@ -323,9 +336,8 @@ class KVBuffers:
         import onnxruntime as ort
 
         total = feeds["attention_mask"].shape[1]
-        if total > self.capacity:
-            grown = 2 * self.capacity if not self.limit else min(2 * self.capacity, self.limit)
-            self.load(self.views(self.length), max(total, grown))
+        if total > self.capacity:  # load keeps it within the limit unless this step needs more
+            self.load(self.views(self.length), max(total, 2 * self.capacity))
         binding = self._binding
         self._fed = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for v in feeds.values()]
         for name, value in zip(feeds, self._fed):
@@ -348,6 +360,7 @@ class InPlaceStep:
     def __init__(self, session, io, run_options=None, headroom: int = 256, limit: int | None = None) -> None:
         self.session, self.io, self.run_options, self.headroom = session, io, run_options, headroom
         self.kv = KVBuffers(session, io, run_options, limit)
+        self._plain = session_step(session, io, run_options)
         self._inputs = [n for n in io.input_names if n in {i.name for i in session.get_inputs()}]
         self._last: list[np.ndarray] = []  # the presents returned last: the cache a continuing step passes back
 
@@ -363,9 +376,7 @@ class InPlaceStep:
             step = {n: feeds[n] for n in self._inputs if not n.startswith("past_key_values.")}
             out = {"logits": self.kv.run(step)}
         else:
-            names = list(io.output_names)
-            plain = {n: np.ascontiguousarray(feeds[n]) for n in self._inputs}
-            out = dict(zip(names, run_session(self.session, names, plain, self.run_options)))
+            out = self._plain(feeds)
             self.kv.load([out[n] for n in io.present_names], total + self.headroom)
         self._last = self.kv.views(total)
         out.update(zip(io.present_names, self._last))
@@ -402,16 +413,11 @@ class BundleGenerator:
         self.session = make_session(self.root / graph_file(self.root, variants[self.variant], ort_format), providers,
                                     threads, bundle_session_config(self.manifest))
         options = self._active.run_options if self._active else None
-        self._in_place = (InPlaceStep(self.session, self.io, options, limit=int(self.gen.get("context_length", 2048)))
-                          if in_place_cache(self.manifest, self.variant) else None)
+        self._step = (InPlaceStep(self.session, self.io, options, limit=int(self.gen.get("context_length", 2048)))
+                      if in_place_cache(self.manifest, self.variant) else session_step(self.session, self.io, options))
 
     def step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._in_place is not None:
-            return self._in_place(feeds)
-        names = list(self.io.output_names)
-        options = self._active.run_options if self._active else None
-        return dict(zip(names, run_session(self.session, names, {n: feeds[n] for n in self.io.input_names},
-                                           options)))
+        return self._step(feeds)
 
     def apply_chat_template(self, prompt: str) -> str:
         template = self.gen.get("chat_template")

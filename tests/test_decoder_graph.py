@@ -153,7 +153,7 @@ def test_generate_appends_to_one_kv_buffer_per_layer_where_the_graph_allows_it(f
     import onnxruntime as ort
 
     from exporter.generation import DecoderIO, greedy, next_feeds, prefill_feeds
-    from exporter.runtime import BundleGenerator, InPlaceStep, in_place_cache
+    from exporter.runtime import BundleGenerator, InPlaceStep, in_place_cache, session_step
 
     out, _ = factory.decoder_bundle("llama")
     manifest = json.loads((out / "manifest.json").read_text())
@@ -200,9 +200,9 @@ def test_generate_appends_to_one_kv_buffer_per_layer_where_the_graph_allows_it(f
     assert np.abs(step(swapped)["logits"] - plain(swapped)).max() < 1e-5
     assert np.abs(step(swapped)["logits"] - plain(feeds2)).max() > 1e-3  # the swap matters
     gen = BundleGenerator(out, "int4")
-    assert isinstance(gen._in_place, InPlaceStep)
+    assert isinstance(gen._step, InPlaceStep)
     text = gen.generate("hello there", max_new_tokens=6)
-    gen._in_place = None  # session.run's concatenated cache
+    gen._step = session_step(gen.session, gen.io)  # session.run's concatenated cache
     assert gen.generate("hello there", max_new_tokens=6) == text
     traced, _ = factory.decoder_bundle("mistral")
     assert "in_place_cache" not in json.loads((traced / "manifest.json").read_text())["decoder"]
